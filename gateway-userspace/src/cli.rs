@@ -1,0 +1,156 @@
+//! Command-line interface: flags, their defaults, and conversion into validated config.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http::Uri;
+
+use crate::{serve::ServeConfig, xdp::XdpMode};
+
+/// Edge API gateway with usage plans (API keys, throttles, quotas) and an XDP fast path.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `gateway=debug,xdp=debug`.
+    #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: data plane, admin API and (optionally) the XDP program.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data-plane listen address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin API (and /metrics) listen address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    pub admin_listen: SocketAddr,
+    /// Directory for persistent state.
+    #[arg(long, default_value = "./.gateway")]
+    pub state_dir: PathBuf,
+    /// Upstream base URL (http://HOST:PORT[/PATH]); without it the built-in demo upstream runs.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Attach the XDP program to this interface.
+    #[arg(long)]
+    pub xdp_iface: Option<String>,
+    /// XDP attach mode: auto, native (driver) or skb (generic).
+    #[arg(long, default_value = "auto", requires = "xdp_iface")]
+    pub xdp_mode: XdpMode,
+    /// Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Milliseconds to wait for an upstream response before answering 504 (AWS: 29000).
+    #[arg(long, default_value_t = 29_000)]
+    pub integration_timeout_ms: u64,
+}
+
+/// A flag value that parsed but makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {reason}")]
+pub struct FlagError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+impl ServeArgs {
+    /// Checks the flags together and builds the serve configuration.
+    pub fn into_config(self) -> Result<ServeConfig, FlagError> {
+        let upstream = self.upstream.map(|raw| parse_upstream(&raw)).transpose()?;
+        if let Some(iface) = &self.xdp_iface {
+            crate::xdp::validate_interface(iface).map_err(|e| FlagError {
+                flag: "xdp-iface",
+                reason: e.to_string(),
+            })?;
+        }
+        if self.integration_timeout_ms == 0 || self.integration_timeout_ms > 29_000 {
+            return Err(FlagError {
+                flag: "integration-timeout-ms",
+                reason: "must be between 1 and 29000 (AWS's maximum)".into(),
+            });
+        }
+        Ok(ServeConfig {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            state_dir: self.state_dir,
+            upstream,
+            xdp_iface: self.xdp_iface,
+            xdp_mode: self.xdp_mode,
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            integration_timeout: Duration::from_millis(self.integration_timeout_ms),
+        })
+    }
+}
+
+fn parse_upstream(raw: &str) -> Result<Uri, FlagError> {
+    let bad = |reason: &str| FlagError {
+        flag: "upstream",
+        reason: format!("`{raw}`: {reason}"),
+    };
+    let uri: Uri = raw.parse().map_err(|e| bad(&format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(bad(&format!("scheme `{other}` is not supported, use http"))),
+        None => return Err(bad("needs a scheme, e.g. http://127.0.0.1:9000")),
+    }
+    if uri.authority().is_none() {
+        return Err(bad("needs a host"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("must not have a query"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(extra: &[&str]) -> Result<ServeConfig, String> {
+        let mut argv = vec!["gateway", "serve"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_documented_addresses() {
+        let config = serve_args(&[]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9180".parse().unwrap());
+        assert_eq!(config.state_dir, PathBuf::from("./.gateway"));
+        assert!(config.upstream.is_none());
+        assert_eq!(config.integration_timeout, Duration::from_secs(29));
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let err = serve_args(&["--upstream", "ftp://x"]).unwrap_err();
+        assert!(err.starts_with("--upstream:"), "{err}");
+        let err = serve_args(&["--upstream", "127.0.0.1:9"]).unwrap_err();
+        assert!(err.starts_with("--upstream:"), "{err}");
+        let err = serve_args(&["--xdp-iface", "a/b"]).unwrap_err();
+        assert!(err.starts_with("--xdp-iface:"), "{err}");
+        let err = serve_args(&["--integration-timeout-ms", "30000"]).unwrap_err();
+        assert!(err.starts_with("--integration-timeout-ms:"), "{err}");
+        let err = serve_args(&["--xdp-iface", "eth0", "--xdp-mode", "fast"]).unwrap_err();
+        assert!(err.contains("unknown XDP mode"), "{err}");
+    }
+}

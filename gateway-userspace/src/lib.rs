@@ -1,0 +1,14 @@
+//! The gateway: usage-plan engine, HTTP data plane, admin API, CLI and XDP loader.
+
+pub mod admin;
+pub mod cli;
+pub mod demo;
+pub mod engine;
+pub mod limit;
+pub mod metrics;
+pub mod plan;
+pub mod proxy;
+pub mod quota;
+pub mod serve;
+pub mod store;
+pub mod xdp;

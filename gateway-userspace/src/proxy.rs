@@ -1,0 +1,299 @@
+//! The data plane: accepts client connections and forwards requests upstream.
+//!
+//! Owns everything between the client socket and the upstream connection pool: the
+//! HTTP server (HTTP/1.1 and h2c), hop-by-hop header hygiene, `X-Forwarded-*`, the
+//! AWS-style JSON error bodies, and `x-amzn-RequestId` on every response.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+/// Body of every data-plane response: streamed from upstream or a small JSON error.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Where requests go and how.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Base URI of the upstream; the request's path and query are appended to its path.
+    pub upstream: Uri,
+    /// Longest wait for the upstream's response head (AWS's integration timeout: 29 s).
+    pub integration_timeout: Duration,
+}
+
+/// Shared state of the data plane.
+pub struct Proxy {
+    config: ProxyConfig,
+    client: Client<HttpConnector, Incoming>,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig, metrics: Arc<Metrics>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            config,
+            client,
+            metrics,
+        }
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves, then lets in-flight
+    /// requests finish for at most `drain` before returning.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        drain: Duration,
+    ) {
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of fds or similar: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                metrics.open_connections.inc();
+                if let Err(error) = conn.await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                metrics.open_connections.dec();
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("data plane drained"),
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!(?drain, "drain deadline passed with requests in flight")
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let (status, outcome, mut response) = self.forward(req, peer).await;
+        self.metrics.request(status.as_u16(), outcome);
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (StatusCode, &'static str, Response<ProxyBody>) {
+        let (mut parts, body) = req.into_parts();
+        let Some(uri) = upstream_uri(&self.config.upstream, &parts.uri) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BadRequestException",
+                "Bad Request",
+            );
+        };
+        let original_host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded(&mut parts.headers, peer, original_host);
+        if let Some(authority) = uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let upstream = self.client.request(Request::from_parts(parts, body));
+        match tokio::time::timeout(self.config.integration_timeout, upstream).await {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let status = parts.status;
+                (status, "allowed", Response::from_parts(parts, body.boxed()))
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "upstream request failed");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "InternalServerErrorException",
+                    "Internal server error",
+                )
+            }
+            Err(_) => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "InternalServerErrorException",
+                "Endpoint request timed out",
+            ),
+        }
+    }
+}
+
+/// Header AWS puts on every response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-amzn-requestid");
+/// Header AWS uses to name the error type of a 4xx/5xx.
+pub const ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
+
+/// An AWS-style JSON error: `{"message": ...}` with `x-amzn-ErrorType`.
+pub fn error(
+    status: StatusCode,
+    error_type: &'static str,
+    message: &str,
+) -> (StatusCode, &'static str, Response<ProxyBody>) {
+    let body = serde_json::json!({ "message": message }).to_string();
+    let response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(ERROR_TYPE, error_type)
+        .body(full(body))
+        .expect("static status and header values are valid");
+    let outcome = match status {
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "upstream_error",
+        _ => "rejected",
+    };
+    (status, outcome, response)
+}
+
+/// A complete in-memory body.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Joins the upstream base with the client's path and query.
+fn upstream_uri(base: &Uri, request: &Uri) -> Option<Uri> {
+    let base_path = base.path().trim_end_matches('/');
+    let path_and_query = request.path_and_query().map_or("/", |p| p.as_str());
+    let mut builder = Uri::builder().path_and_query(format!("{base_path}{path_and_query}"));
+    if let Some(scheme) = base.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = base.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    builder.build().ok()
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Appends the client to `X-Forwarded-For` and records the original protocol and host.
+fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
+    let client = peer.ip().to_canonical().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {client}"),
+        None => client,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uri_joins_base_path_and_query() {
+        let base: Uri = "http://127.0.0.1:9000/base/".parse().unwrap();
+        let req: Uri = "/pets/1?x=1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&base, &req).unwrap(),
+            "http://127.0.0.1:9000/base/pets/1?x=1"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_tokens_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let peer: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
+        add_forwarded(
+            &mut headers,
+            peer,
+            Some(HeaderValue::from_static("api.example")),
+        );
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(headers["x-forwarded-host"], "api.example");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+    }
+}

@@ -1,0 +1,214 @@
+//! `gateway serve`: binds the listeners, starts the data plane, the admin API and the
+//! optional XDP program, and tears everything down in order on SIGTERM or Ctrl-C.
+//!
+//! Start-up contract other tools rely on: once both listeners are bound, stdout gets
+//! `listening data=IP:PORT` and `listening admin=IP:PORT`, one line each, flushed.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::Uri;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    admin, demo,
+    metrics::Metrics,
+    proxy::{Proxy, ProxyConfig},
+    xdp::{XdpMode, XdpProgram},
+};
+
+/// Everything `gateway serve` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Data-plane listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Admin API listen address (port 0 picks a free port).
+    pub admin_listen: SocketAddr,
+    /// Directory for persistent state.
+    pub state_dir: PathBuf,
+    /// Upstream base URI; `None` starts the built-in demo upstream.
+    pub upstream: Option<Uri>,
+    /// Interface to attach the XDP program to, if any.
+    pub xdp_iface: Option<String>,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Longest wait for an upstream response head.
+    pub integration_timeout: Duration,
+}
+
+/// Why `gateway serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind the {which} listener on {addr}: {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the demo upstream: {0}")]
+    Demo(std::io::Error),
+    #[error(transparent)]
+    Xdp(#[from] crate::xdp::XdpError),
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let data = bind("data", config.listen).await?;
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    let data_addr = data.local_addr().map_err(|source| ServeError::Bind {
+        which: "data",
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            which: "admin",
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let upstream = match config.upstream.clone() {
+        Some(uri) => uri,
+        None => {
+            let addr = demo::spawn_upstream().await.map_err(ServeError::Demo)?;
+            let uri: Uri = format!("http://{addr}")
+                .parse()
+                .expect("a socket address makes a valid URI");
+            println!("demo upstream={addr} key={}", demo::DEMO_KEY);
+            uri
+        }
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let xdp = match &config.xdp_iface {
+        Some(iface) => Some(Arc::new(Mutex::new(XdpProgram::attach(
+            iface,
+            config.xdp_mode,
+            &[data_addr.port()],
+        )?))),
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let proxy = Arc::new(Proxy::new(
+        ProxyConfig {
+            upstream,
+            integration_timeout: config.integration_timeout,
+        },
+        metrics.clone(),
+    ));
+    let data_task = tokio::spawn(proxy.serve(data, stopped(stop_rx.clone()), config.drain_timeout));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let poller = xdp
+        .clone()
+        .map(|xdp| tokio::spawn(poll_xdp(xdp, metrics.clone())));
+
+    announce(data_addr, admin_addr);
+    tracing::info!(%data_addr, %admin_addr, "gateway started");
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = data_task.await;
+    let _ = admin_task.await;
+    if let Some(poller) = poller {
+        poller.abort();
+    }
+    if let Some(xdp) = xdp {
+        let mut program = xdp.lock().expect("the XDP lock is never poisoned");
+        if let Ok(counters) = program.counters() {
+            metrics.set_xdp_counters(&counters);
+            log_counters(&counters);
+        }
+        program.detach();
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            which,
+            addr,
+            source,
+        })
+}
+
+fn announce(data: SocketAddr, admin: SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening data={data}");
+    let _ = writeln!(out, "listening admin={admin}");
+    let _ = out.flush();
+}
+
+/// Copies the kernel counters into the metrics every second, and logs them when they
+/// changed in the last ten seconds.
+async fn poll_xdp(xdp: Arc<Mutex<XdpProgram>>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_logged = [0u64; gateway_common::stats::COUNT as usize];
+    let mut ticks = 0u64;
+    loop {
+        tick.tick().await;
+        let counters = xdp
+            .lock()
+            .expect("the XDP lock is never poisoned")
+            .counters();
+        match counters {
+            Ok(counters) => {
+                metrics.set_xdp_counters(&counters);
+                ticks += 1;
+                if ticks % 10 == 0 && counters != last_logged {
+                    log_counters(&counters);
+                    last_logged = counters;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading XDP counters failed"),
+        }
+    }
+}
+
+fn log_counters(counters: &[u64; gateway_common::stats::COUNT as usize]) {
+    let [
+        data_port_packets,
+        other_passed,
+        parse_failures,
+        fragments_passed,
+    ] = *counters;
+    tracing::info!(
+        data_port_packets,
+        other_passed,
+        parse_failures,
+        fragments_passed,
+        "XDP counters"
+    );
+}

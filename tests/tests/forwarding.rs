@@ -1,0 +1,96 @@
+//! The gateway as a user first meets it: a real process on loopback forwarding to a
+//! real upstream, and the built-in demo that answers with no configuration at all.
+
+use std::time::Duration;
+
+use gateway_tests::{Gateway, Upstream, curl, metric};
+
+#[test]
+fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let mut gateway = Gateway::start(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &format!("http://{}", upstream.addr),
+        ],
+    )?;
+    let url = format!("http://{}/prod/pets?limit=2", gateway.data);
+    let (status, body) = curl(None, &["-i", &url])?;
+    assert_eq!(status, 200, "{body}");
+    let lower = body.to_ascii_lowercase();
+    assert!(lower.contains("x-amzn-requestid: "), "{body}");
+    let json_start = body.find('{').expect("a JSON body");
+    let echo: serde_json::Value = serde_json::from_str(&body[json_start..])?;
+    assert_eq!(echo["path"], "/prod/pets");
+    assert_eq!(echo["query"], "limit=2");
+    assert_eq!(echo["xForwardedFor"], "127.0.0.1");
+    assert_eq!(upstream.requests(), 1);
+
+    let (status, metrics) = curl(None, &[&format!("http://{}/metrics", gateway.admin)])?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &metrics,
+            "gateway_requests_total{status=\"200\",outcome=\"allowed\"}"
+        ),
+        Some(1),
+        "{metrics}"
+    );
+
+    let status = gateway.stop(Duration::from_secs(10))?;
+    assert!(status.success(), "exit {status}: {}", gateway.stderr());
+    Ok(())
+}
+
+#[test]
+fn demo_mode_serves_on_its_own() -> anyhow::Result<()> {
+    let gateway = Gateway::start(
+        None,
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+    )?;
+    let demo = gateway
+        .banner
+        .iter()
+        .find(|line| line.starts_with("demo "))
+        .expect("the demo banner names the demo key");
+    assert!(demo.contains("key="), "{demo}");
+    let (status, body) = curl(None, &[&format!("http://{}/prod/hello", gateway.data)])?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from the demo upstream"), "{body}");
+    Ok(())
+}
+
+#[test]
+fn unreachable_upstream_is_a_502_with_an_aws_body() -> anyhow::Result<()> {
+    // Bind and drop a listener to get a loopback port nobody serves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let gateway = Gateway::start(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )?;
+    let (status, body) = curl(None, &["-i", &format!("http://{}/prod/x", gateway.data)])?;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.to_ascii_lowercase()
+            .contains("x-amzn-errortype: internalservererrorexception")
+    );
+    assert!(
+        body.ends_with(r#"{"message":"Internal server error"}"#),
+        "{body}"
+    );
+    Ok(())
+}
