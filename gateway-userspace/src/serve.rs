@@ -187,7 +187,7 @@ async fn poll_xdp(xdp: Arc<Mutex<XdpProgram>>, metrics: Arc<Metrics>) {
             Ok(counters) => {
                 metrics.set_xdp_counters(&counters);
                 ticks += 1;
-                if ticks % 10 == 0 && counters != last_logged {
+                if ticks.is_multiple_of(10) && counters != last_logged {
                     log_counters(&counters);
                     last_logged = counters;
                 }
