@@ -241,7 +241,7 @@ fn test(root: &Path) -> Result<()> {
     .context("formatting differs: run `cargo fmt --all`")?;
 
     let object = build_ebpf(root)?;
-    step("clippy (workspace, all targets, warnings are errors)");
+    step("clippy (default members, all targets, warnings are errors)");
     run(cargo(root, &object).args([
         "clippy",
         "--workspace",
@@ -272,7 +272,7 @@ fn test(root: &Path) -> Result<()> {
     step("unit, integration and privileged end-to-end tests");
     // The privileged tests must run here, not skip: a missing capability is a failure.
     run(cargo(root, &object)
-        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(["test", "--no-fail-fast"])
         .env("GATEWAY_REQUIRE_PRIVILEGED", "1"))
     .context("tests failed")?;
     step("all checks passed");
