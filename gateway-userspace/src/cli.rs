@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
 
-use crate::{serve::ServeConfig, xdp::XdpMode};
+use crate::{proxy::Limits, serve::ServeConfig, xdp::XdpMode};
 
 /// Edge API gateway with usage plans (API keys, throttles, quotas) and an XDP fast path.
 #[derive(Debug, Parser)]
@@ -59,6 +59,19 @@ pub struct ServeArgs {
     /// Milliseconds to wait for an upstream response before answering 504 (AWS: 29000).
     #[arg(long, default_value_t = 29_000)]
     pub integration_timeout_ms: u64,
+    /// Seconds a client may take to send a request head, and an idle keep-alive
+    /// connection may wait for the next one.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Largest request head in bytes (request line + headers); larger gets 431.
+    #[arg(long, default_value_t = 10_240)]
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes (AWS: 10 MiB); larger gets 413.
+    #[arg(long, default_value_t = 10_485_760)]
+    pub max_body_bytes: u64,
+    /// Most data-plane connections open at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 /// A flag value that parsed but makes no sense.
@@ -85,6 +98,24 @@ impl ServeArgs {
                 reason: "must be between 1 and 29000 (AWS's maximum)".into(),
             });
         }
+        if self.header_read_timeout_secs == 0 {
+            return Err(FlagError {
+                flag: "header-read-timeout-secs",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !(8192..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(FlagError {
+                flag: "max-header-bytes",
+                reason: "must be between 8192 and 1048576".into(),
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(FlagError {
+                flag: "max-connections",
+                reason: "must be at least 1".into(),
+            });
+        }
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -94,6 +125,12 @@ impl ServeArgs {
             xdp_mode: self.xdp_mode,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             integration_timeout: Duration::from_millis(self.integration_timeout_ms),
+            limits: Limits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                max_header_bytes: self.max_header_bytes,
+                max_body_bytes: self.max_body_bytes,
+                max_connections: self.max_connections,
+            },
         })
     }
 }

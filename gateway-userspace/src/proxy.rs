@@ -8,14 +8,14 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -29,12 +29,40 @@ pub struct ProxyConfig {
     pub upstream: Uri,
     /// Longest wait for the upstream's response head (AWS's integration timeout: 29 s).
     pub integration_timeout: Duration,
+    /// Resource limits of the listener.
+    pub limits: Limits,
+}
+
+/// Limits that keep one client from holding the data plane's resources.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Longest time a client may take to send a complete request head, and longest time
+    /// an idle keep-alive connection stays open waiting for the next one (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line plus headers), in bytes; larger gets 431.
+    /// hyper's floor is 8192.
+    pub max_header_bytes: usize,
+    /// Largest request body, in bytes (AWS: 10 MiB); larger gets 413.
+    pub max_body_bytes: u64,
+    /// Most client connections open at once; further clients wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 10 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// Shared state of the data plane.
 pub struct Proxy {
     config: ProxyConfig,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Limited<Incoming>>,
     metrics: Arc<Metrics>,
 }
 
@@ -63,10 +91,28 @@ impl Proxy {
         drain: Duration,
     ) {
         let graceful = GracefulShutdown::new();
+        let limits = &self.config.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // A hard bound on buffered head bytes; the exact limit is checked per request.
+            .max_buf_size((2 * limits.max_header_bytes).max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(limits.header_read_timeout);
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                permit = connections.clone().acquire_owned() => {
+                    permit.expect("the connection semaphore is never closed")
+                }
+                () = &mut shutdown => break,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
@@ -94,6 +140,7 @@ impl Proxy {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
                 metrics.open_connections.dec();
+                drop(permit);
             });
         }
         drop(listener);
@@ -121,6 +168,18 @@ impl Proxy {
         peer: SocketAddr,
     ) -> (StatusCode, &'static str, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
+        if head_size(&parts) > self.config.limits.max_header_bytes {
+            return error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RequestHeaderFieldsTooLargeException",
+                "Request Header Fields Too Large",
+            );
+        }
+        let max_body = self.config.limits.max_body_bytes;
+        if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
+            return too_large();
+        }
+        let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
         let Some(uri) = upstream_uri(&self.config.upstream, &parts.uri) else {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -146,6 +205,7 @@ impl Proxy {
                 let status = parts.status;
                 (status, "allowed", Response::from_parts(parts, body.boxed()))
             }
+            Ok(Err(err)) if caused_by_body_limit(&err) => too_large(),
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "upstream request failed");
                 error(
@@ -186,6 +246,48 @@ pub fn error(
         _ => "rejected",
     };
     (status, outcome, response)
+}
+
+/// AWS's answer to a payload over the limit.
+fn too_large() -> (StatusCode, &'static str, Response<ProxyBody>) {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestTooLargeException",
+        "Request Too Long",
+    )
+}
+
+/// Bytes of the request line and headers as the client sent them (give or take the
+/// separators' white space).
+fn head_size(parts: &http::request::Parts) -> usize {
+    let line = parts.method.as_str().len()
+        + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + "  HTTP/1.1\r\n".len();
+    parts.headers.iter().fold(line, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + ": \r\n".len()
+    })
+}
+
+/// The body length the client declared, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Whether an upstream failure was our own body limit cutting a streamed upload.
+fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(current) = source {
+        if current.is::<LengthLimitError>() {
+            return true;
+        }
+        source = current.source();
+    }
+    false
 }
 
 /// A complete in-memory body.

@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     admin, demo,
     metrics::Metrics,
-    proxy::{Proxy, ProxyConfig},
+    proxy::{Limits, Proxy, ProxyConfig},
     xdp::{XdpMode, XdpProgram},
 };
 
@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Longest wait for an upstream response head.
     pub integration_timeout: Duration,
+    /// Data-plane resource limits.
+    pub limits: Limits,
 }
 
 /// Why `gateway serve` could not start.
@@ -118,6 +120,7 @@ pub async fn run(
         ProxyConfig {
             upstream,
             integration_timeout: config.integration_timeout,
+            limits: config.limits.clone(),
         },
         metrics.clone(),
     ));

@@ -290,9 +290,25 @@ async fn serve_upstream(
     }
 }
 
+/// Echoes the request as JSON. Query parameters steer it: `sleep_ms=N` waits N ms
+/// before answering; `bytes=N` answers with N bytes of `x` instead of JSON.
 async fn echo(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<Bytes>> {
     requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
+    let param = |name: &str| {
+        parts.uri.query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+    };
+    if let Some(ms) = param("sleep_ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(n) = param("bytes") {
+        let size = usize::try_from(n).unwrap_or(0);
+        return Response::new(Full::new(Bytes::from(vec![b'x'; size])));
+    }
     let body_len = body
         .collect()
         .await
