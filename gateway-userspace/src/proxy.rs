@@ -297,6 +297,67 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed()
 }
 
+/// How a request names its REST API and stage, in API Gateway's three forms.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Address<'a> {
+    /// The REST API id, when the request names one (host or `/restapis/` form).
+    pub api_id: Option<&'a str>,
+    /// The stage name: the first path segment after the API part.
+    pub stage: &'a str,
+    /// The resource path after the stage, starting with `/` (`/` for the stage root).
+    pub resource_path: &'a str,
+}
+
+/// Splits a request into API, stage and resource path:
+/// `/restapis/{id}/{stage}/_user_request_/{path}` with any host;
+/// `Host: {id}.execute-api.{anything}` with `/{stage}/{path}`;
+/// otherwise `/{stage}/{path}` (the only REST API, resolved by the engine).
+pub fn address<'a>(host: Option<&'a str>, path: &'a str) -> Option<Address<'a>> {
+    if let Some(rest) = path.strip_prefix("/restapis/") {
+        let (api_id, rest) = rest.split_once('/')?;
+        let (stage, rest) = rest.split_once('/')?;
+        let resource = rest.strip_prefix("_user_request_")?;
+        if api_id.is_empty()
+            || stage.is_empty()
+            || !(resource.is_empty() || resource.starts_with('/'))
+        {
+            return None;
+        }
+        let resource_path = if resource.is_empty() { "/" } else { resource };
+        return Some(Address {
+            api_id: Some(api_id),
+            stage,
+            resource_path,
+        });
+    }
+    let api_id = host
+        .map(|h| {
+            h.rsplit_once(':').map_or(h, |(name, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    name
+                } else {
+                    h
+                }
+            })
+        })
+        .and_then(|h| h.split_once(".execute-api."))
+        .map(|(id, _)| id)
+        .filter(|id| !id.is_empty());
+    let rest = path.strip_prefix('/')?;
+    let (stage, resource_path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if stage.is_empty() {
+        return None;
+    }
+    Some(Address {
+        api_id,
+        stage,
+        resource_path,
+    })
+}
+
 /// Joins the upstream base with the client's path and query.
 fn upstream_uri(base: &Uri, request: &Uri) -> Option<Uri> {
     let base_path = base.path().trim_end_matches('/');
@@ -357,6 +418,42 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderV
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_three_addressing_forms() {
+        let plain = address(Some("localhost:8080"), "/prod/pets/1").unwrap();
+        assert_eq!(
+            plain,
+            Address {
+                api_id: None,
+                stage: "prod",
+                resource_path: "/pets/1"
+            }
+        );
+        let host = address(Some("a1b2c3.execute-api.example.com:8080"), "/dev").unwrap();
+        assert_eq!(
+            host,
+            Address {
+                api_id: Some("a1b2c3"),
+                stage: "dev",
+                resource_path: "/"
+            }
+        );
+        let restapis = address(Some("x"), "/restapis/a1b2c3/prod/_user_request_/pets").unwrap();
+        assert_eq!(
+            restapis,
+            Address {
+                api_id: Some("a1b2c3"),
+                stage: "prod",
+                resource_path: "/pets"
+            }
+        );
+        let root = address(None, "/restapis/a1b2c3/prod/_user_request_").unwrap();
+        assert_eq!(root.resource_path, "/");
+        assert_eq!(address(None, "/"), None);
+        assert_eq!(address(None, "/restapis/a1b2c3/prod/pets"), None);
+        assert_eq!(address(None, "//pets"), None);
+    }
 
     #[test]
     fn upstream_uri_joins_base_path_and_query() {

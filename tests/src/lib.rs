@@ -82,6 +82,14 @@ impl Gateway {
     /// Starts `gateway serve ARGS` (inside network namespace `netns` if given) with its
     /// own state directory, and waits for both `listening` lines.
     pub fn start(netns: Option<&str>, args: &[&str]) -> Result<Self> {
+        let binary = gateway_bin();
+        if !binary.is_file() {
+            bail!(
+                "{} does not exist: build it with `cargo build -p gateway-userspace` \
+                 (or run `cargo xtask test`)",
+                binary.display()
+            );
+        }
         let state = TempDir::new("state")?;
         let stderr = state.path.join("stderr.log");
         let mut command = match netns {

@@ -262,6 +262,8 @@ fn test(root: &Path) -> Result<()> {
         .env_remove("RUSTFLAGS"))
     .context("clippy found problems in the XDP program")?;
 
+    // The end-to-end tests run this binary; build it with the XDP object embedded.
+    build(root, false)?;
     step("unit, integration and privileged end-to-end tests");
     // The privileged tests must run here, not skip: a missing capability is a failure.
     run(cargo(root, &object)
