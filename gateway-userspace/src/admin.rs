@@ -67,14 +67,10 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<ProxyBody> {
             )
             .body(full(metrics.encode()))
             .expect("static header values are valid"),
-        _ => {
-            let (_, _, mut response) = crate::proxy::error(
-                StatusCode::NOT_FOUND,
-                "NotFoundException",
-                "Invalid resource path specified",
-            );
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            response
-        }
+        _ => crate::proxy::error(
+            StatusCode::NOT_FOUND,
+            "NotFoundException",
+            "Invalid resource path specified",
+        ),
     }
 }

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
 
-use crate::{proxy::Limits, serve::ServeConfig, xdp::XdpMode};
+use crate::{
+    proxy::Limits,
+    serve::{ModelSource, ServeConfig},
+    xdp::XdpMode,
+};
 
 /// Edge API gateway with usage plans (API keys, throttles, quotas) and an XDP fast path.
 #[derive(Debug, Parser)]
@@ -44,9 +48,22 @@ pub struct ServeArgs {
     /// Directory for persistent state.
     #[arg(long, default_value = "./.gateway")]
     pub state_dir: PathBuf,
-    /// Upstream base URL (http://HOST:PORT[/PATH]); without it the built-in demo upstream runs.
+    /// Configuration file: a JSON model of REST APIs, stages, usage plans and API keys.
+    #[arg(long, conflicts_with = "upstream")]
+    pub config: Option<PathBuf>,
+    /// Serve one open API (no key required) forwarding every path to this upstream base
+    /// URL (http://HOST:PORT[/PATH]). Without --config or --upstream the demo runs.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// Stage name of the --upstream API.
+    #[arg(long, default_value = "prod", requires = "upstream")]
+    pub stage: String,
+    /// Leave out the IETF RateLimit / RateLimit-Policy headers and Retry-After, as AWS does.
+    #[arg(long)]
+    pub no_rate_limit_headers: bool,
+    /// Forward the client's x-api-key header to the upstream.
+    #[arg(long)]
+    pub forward_api_key: bool,
     /// Attach the XDP program to this interface.
     #[arg(long)]
     pub xdp_iface: Option<String>,
@@ -85,7 +102,22 @@ pub struct FlagError {
 impl ServeArgs {
     /// Checks the flags together and builds the serve configuration.
     pub fn into_config(self) -> Result<ServeConfig, FlagError> {
-        let upstream = self.upstream.map(|raw| parse_upstream(&raw)).transpose()?;
+        let model = match (self.config, self.upstream) {
+            (Some(path), _) => ModelSource::File(path),
+            (None, Some(raw)) => {
+                if self.stage.is_empty() || self.stage.contains('/') {
+                    return Err(FlagError {
+                        flag: "stage",
+                        reason: "must be a non-empty name without `/`".into(),
+                    });
+                }
+                ModelSource::Upstream {
+                    upstream: parse_upstream(&raw)?,
+                    stage: self.stage,
+                }
+            }
+            (None, None) => ModelSource::Demo,
+        };
         if let Some(iface) = &self.xdp_iface {
             crate::xdp::validate_interface(iface).map_err(|e| FlagError {
                 flag: "xdp-iface",
@@ -120,7 +152,7 @@ impl ServeArgs {
             listen: self.listen,
             admin_listen: self.admin_listen,
             state_dir: self.state_dir,
-            upstream,
+            model,
             xdp_iface: self.xdp_iface,
             xdp_mode: self.xdp_mode,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
@@ -131,6 +163,8 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_connections: self.max_connections,
             },
+            rate_limit_headers: !self.no_rate_limit_headers,
+            forward_api_key: self.forward_api_key,
         })
     }
 }
@@ -173,7 +207,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.admin_listen, "127.0.0.1:9180".parse().unwrap());
         assert_eq!(config.state_dir, PathBuf::from("./.gateway"));
-        assert!(config.upstream.is_none());
+        assert!(matches!(config.model, ModelSource::Demo));
         assert_eq!(config.integration_timeout, Duration::from_secs(29));
     }
 

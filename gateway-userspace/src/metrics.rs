@@ -3,16 +3,25 @@
 //! One [`Metrics`] per gateway process; the data plane updates it on every request, the
 //! XDP poller copies the kernel's per-CPU counters into it once a second.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    metrics::{
+        counter::ConstCounter,
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
 };
 
 use gateway_common::stats;
@@ -20,11 +29,25 @@ use gateway_common::stats;
 /// Labels of `gateway_requests`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// REST API id (empty when no API matched).
+    pub api: String,
+    /// Stage name.
+    pub stage: String,
+    /// Resource path template and declared method, e.g. `/pets/{id}/GET`.
+    pub resource: String,
     /// HTTP status code of the response.
     pub status: u16,
-    /// What the gateway decided: `allowed`, `forbidden`, `throttled`, `quota_exceeded`,
-    /// `not_found`, `upstream_error`, ...
+    /// What the gateway decided: `allowed`, `forbidden`, `throttled_plan_method`,
+    /// `throttled_plan`, `throttled_stage_method`, `throttled_account`, `quota_exceeded`,
+    /// `no_route`, `too_large`, `header_too_large`, `upstream_error`, `upstream_timeout`.
     pub outcome: &'static str,
+}
+
+/// Labels of `gateway_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub api: String,
+    pub stage: String,
 }
 
 /// Every metric the gateway exports.
@@ -34,6 +57,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Data-plane connections currently open.
     pub open_connections: Gauge,
+    /// Time from request head to response head, by API and stage.
+    pub latency: Family<LatencyLabels, Histogram>,
     xdp: Arc<XdpCounters>,
 }
 
@@ -58,21 +83,35 @@ impl Metrics {
             "Data-plane connections currently open",
             open_connections.clone(),
         );
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request head to response head",
+            Unit::Seconds,
+            latency.clone(),
+        );
         let xdp = Arc::new(XdpCounters::default());
         registry.register_collector(Box::new(xdp.clone()));
         Self {
             registry,
             requests,
             open_connections,
+            latency,
             xdp,
         }
     }
 
-    /// Counts one data-plane response.
-    pub fn request(&self, status: u16, outcome: &'static str) {
-        self.requests
-            .get_or_create(&RequestLabels { status, outcome })
-            .inc();
+    /// Counts one data-plane response and records its latency.
+    pub fn request(&self, labels: RequestLabels, elapsed: Duration) {
+        self.latency
+            .get_or_create(&LatencyLabels {
+                api: labels.api.clone(),
+                stage: labels.stage.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&labels).inc();
     }
 
     /// Replaces the XDP counters with the kernel's latest totals.

@@ -4,7 +4,12 @@
 //! HTTP server (HTTP/1.1 and h2c), hop-by-hop header hygiene, `X-Forwarded-*`, the
 //! AWS-style JSON error bodies, and `x-amzn-RequestId` on every response.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -17,20 +22,26 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::metrics::Metrics;
+use crate::{
+    engine::{Decision, Engine, Limits as EngineLimits, Route},
+    limit::Layer,
+    metrics::{Metrics, RequestLabels},
+};
 
 /// Body of every data-plane response: streamed from upstream or a small JSON error.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Where requests go and how.
+/// How the data plane answers and forwards.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Base URI of the upstream; the request's path and query are appended to its path.
-    pub upstream: Uri,
-    /// Longest wait for the upstream's response head (AWS's integration timeout: 29 s).
-    pub integration_timeout: Duration,
     /// Resource limits of the listener.
     pub limits: Limits,
+    /// Send IETF `RateLimit` / `RateLimit-Policy` on keyed responses and `Retry-After`
+    /// on 429 (off: strict AWS parity).
+    pub rate_limit_headers: bool,
+    /// Forward the client's `x-api-key` header upstream (AWS does; off by default so
+    /// that key values never leave the gateway).
+    pub forward_api_key: bool,
 }
 
 /// Limits that keep one client from holding the data plane's resources.
@@ -62,12 +73,13 @@ impl Default for Limits {
 /// Shared state of the data plane.
 pub struct Proxy {
     config: ProxyConfig,
+    engine: Arc<Engine>,
     client: Client<HttpConnector, Limited<Incoming>>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: ProxyConfig, engine: Arc<Engine>, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -77,6 +89,7 @@ impl Proxy {
             .build(connector);
         Self {
             config,
+            engine,
             client,
             metrics,
         }
@@ -154,37 +167,152 @@ impl Proxy {
 
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let request_id = uuid::Uuid::new_v4().to_string();
-        let (status, outcome, mut response) = self.forward(req, peer).await;
-        self.metrics.request(status.as_u16(), outcome);
+        let started = Instant::now();
+        let method = req.method().clone();
+        let (labels, mut response) = self.process(req, peer).await;
+        let status = response.status().as_u16();
+        self.metrics.request(
+            RequestLabels {
+                api: labels.api.clone(),
+                stage: labels.stage.clone(),
+                resource: labels.resource.clone(),
+                status,
+                outcome: labels.outcome,
+            },
+            started.elapsed(),
+        );
+        tracing::info!(
+            target: "access",
+            request_id,
+            %peer,
+            method = %method,
+            api = labels.api,
+            stage = labels.stage,
+            resource = labels.resource,
+            key_id = labels.key_id.as_deref().unwrap_or("-"),
+            status,
+            outcome = labels.outcome,
+            micros = started.elapsed().as_micros() as u64,
+        );
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID, value);
         }
         response
     }
 
-    async fn forward(
+    /// Routes, decides and forwards one request.
+    async fn process(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> (StatusCode, &'static str, Response<ProxyBody>) {
+    ) -> (Seen, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
+        let mut labels = Seen::default();
         if head_size(&parts) > self.config.limits.max_header_bytes {
-            return error(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "RequestHeaderFieldsTooLargeException",
-                "Request Header Fields Too Large",
+            return labels.rejected(
+                "header_too_large",
+                error(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "RequestHeaderFieldsTooLargeException",
+                    "Request Header Fields Too Large",
+                ),
             );
         }
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.host());
+        let path = parts.uri.path();
+        let route = address(host, path).and_then(|a| {
+            self.engine
+                .resolve(a.api_id, a.stage, parts.method.as_str(), a.resource_path)
+        });
+        let Some(route) = route else {
+            return labels.rejected("no_route", missing_token());
+        };
+        labels.api = route.rest_api_id.clone();
+        labels.stage = route.stage.clone();
+        labels.resource = format!("{}/{}", route.resource_path, route.declared_method);
+
+        let api_key = parts.headers.get(API_KEY).and_then(|v| v.to_str().ok());
+        let decision = self.engine.decide(&route, api_key);
+        labels.key_id = decision.key().map(|k| k.id.as_str().to_owned());
+        let limits = decision.limits().copied();
+        let mut response = match decision {
+            Decision::Allow { .. } => {
+                labels.outcome = "allowed";
+                if !self.config.forward_api_key {
+                    parts.headers.remove(API_KEY);
+                }
+                self.forward(&route, parts, body, peer, &mut labels).await
+            }
+            refused => {
+                labels.outcome = match refused {
+                    Decision::Forbidden { .. } => "forbidden",
+                    Decision::Throttled { layer, .. } => match layer {
+                        Layer::PlanMethod => "throttled_plan_method",
+                        Layer::Plan => "throttled_plan",
+                        Layer::StageMethod => "throttled_stage_method",
+                        Layer::Account => "throttled_account",
+                    },
+                    _ => "quota_exceeded",
+                };
+                let status =
+                    StatusCode::from_u16(refused.status()).expect("engine statuses are valid");
+                let mut response = error(
+                    status,
+                    refused.error_type().unwrap_or("ForbiddenException"),
+                    refused.message().unwrap_or("Forbidden"),
+                );
+                if self.config.rate_limit_headers
+                    && let Some(secs) = refused.retry_after_secs(self.engine.now())
+                    && secs < u64::MAX / 2
+                {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                response
+            }
+        };
+        if self.config.rate_limit_headers
+            && let Some(limits) = limits
+        {
+            add_rate_limit_headers(response.headers_mut(), &limits);
+        }
+        (labels, response)
+    }
+
+    /// Sends an admitted request to the route's integration and streams the answer back.
+    async fn forward(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        labels: &mut Seen,
+    ) -> Response<ProxyBody> {
+        let Some(integration) = &route.integration else {
+            // MOCK or no integration: an empty 200, as an unmapped MOCK answers.
+            return Response::new(full(Bytes::new()));
+        };
         let max_body = self.config.limits.max_body_bytes;
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
+            labels.outcome = "too_large";
             return too_large();
         }
         let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
-        let Some(uri) = upstream_uri(&self.config.upstream, &parts.uri) else {
+        let Some(uri) = route
+            .upstream_url()
+            .and_then(|url| integration_uri(&url, parts.uri.query()))
+        else {
+            labels.outcome = "upstream_error";
+            tracing::warn!(uri = %integration.uri, "integration URI is not a valid http URI");
             return error(
-                StatusCode::BAD_REQUEST,
-                "BadRequestException",
-                "Bad Request",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerErrorException",
+                "Internal server error",
             );
         };
         let original_host = parts.headers.get(header::HOST).cloned();
@@ -197,16 +325,20 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        let timeout = Duration::from_millis(u64::from(integration.timeout_ms.max(1)));
         let upstream = self.client.request(Request::from_parts(parts, body));
-        match tokio::time::timeout(self.config.integration_timeout, upstream).await {
+        match tokio::time::timeout(timeout, upstream).await {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let status = parts.status;
-                (status, "allowed", Response::from_parts(parts, body.boxed()))
+                Response::from_parts(parts, body.boxed())
             }
-            Ok(Err(err)) if caused_by_body_limit(&err) => too_large(),
+            Ok(Err(err)) if caused_by_body_limit(&err) => {
+                labels.outcome = "too_large";
+                too_large()
+            }
             Ok(Err(err)) => {
+                labels.outcome = "upstream_error";
                 tracing::warn!(error = %err, "upstream request failed");
                 error(
                     StatusCode::BAD_GATEWAY,
@@ -214,13 +346,90 @@ impl Proxy {
                     "Internal server error",
                 )
             }
-            Err(_) => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "InternalServerErrorException",
-                "Endpoint request timed out",
-            ),
+            Err(_) => {
+                labels.outcome = "upstream_timeout";
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "InternalServerErrorException",
+                    "Endpoint request timed out",
+                )
+            }
         }
     }
+}
+
+/// What one request was, for its metric and access-log line.
+#[derive(Default)]
+struct Seen {
+    api: String,
+    stage: String,
+    /// `{resource path template}/{declared method}`, e.g. `/pets/{id}/GET`.
+    resource: String,
+    /// The API key's id (never its value).
+    key_id: Option<String>,
+    outcome: &'static str,
+}
+
+impl Seen {
+    fn rejected(
+        mut self,
+        outcome: &'static str,
+        response: Response<ProxyBody>,
+    ) -> (Self, Response<ProxyBody>) {
+        self.outcome = outcome;
+        (self, response)
+    }
+}
+
+/// The request header that carries the API key (matched case-insensitively).
+pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// AWS's answer when no API, stage, resource or method matches.
+fn missing_token() -> Response<ProxyBody> {
+    error(
+        StatusCode::FORBIDDEN,
+        "MissingAuthenticationTokenException",
+        "Missing Authentication Token",
+    )
+}
+
+/// Adds `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11)
+/// for the plan's quota and throttle.
+fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &EngineLimits) {
+    let policies: Vec<_> = [limits.quota_policy(), limits.throttle_policy()]
+        .into_iter()
+        .flatten()
+        .collect();
+    if policies.is_empty() {
+        return;
+    }
+    let policy = policies
+        .iter()
+        .map(|p| format!("\"{}\";q={};w={}", p.name, p.limit, p.window_secs))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let current = policies
+        .iter()
+        .map(|p| format!("\"{}\";r={};t={}", p.name, p.remaining, p.reset_secs))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let (Ok(policy), Ok(current)) = (
+        HeaderValue::from_str(&policy),
+        HeaderValue::from_str(&current),
+    ) {
+        headers.insert("ratelimit-policy", policy);
+        headers.insert("ratelimit", current);
+    }
+}
+
+/// The integration URL plus the client's query string.
+fn integration_uri(url: &str, query: Option<&str>) -> Option<Uri> {
+    let full = match query {
+        Some(q) => format!("{url}?{q}"),
+        None => url.to_owned(),
+    };
+    let uri: Uri = full.parse().ok()?;
+    (uri.scheme_str() == Some("http") && uri.authority().is_some()).then_some(uri)
 }
 
 /// Header AWS puts on every response.
@@ -229,27 +438,23 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-amzn-requestid");
 pub const ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
 
 /// An AWS-style JSON error: `{"message": ...}` with `x-amzn-ErrorType`.
-pub fn error(
-    status: StatusCode,
-    error_type: &'static str,
-    message: &str,
-) -> (StatusCode, &'static str, Response<ProxyBody>) {
+pub fn error(status: StatusCode, error_type: &str, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "message": message }).to_string();
-    let response = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(ERROR_TYPE, error_type)
-        .body(full(body))
-        .expect("static status and header values are valid");
-    let outcome = match status {
-        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "upstream_error",
-        _ => "rejected",
-    };
-    (status, outcome, response)
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = HeaderValue::from_str(error_type) {
+        headers.insert(ERROR_TYPE, value);
+    }
+    response
 }
 
 /// AWS's answer to a payload over the limit.
-fn too_large() -> (StatusCode, &'static str, Response<ProxyBody>) {
+fn too_large() -> Response<ProxyBody> {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "RequestTooLargeException",
@@ -358,20 +563,6 @@ pub fn address<'a>(host: Option<&'a str>, path: &'a str) -> Option<Address<'a>> 
     })
 }
 
-/// Joins the upstream base with the client's path and query.
-fn upstream_uri(base: &Uri, request: &Uri) -> Option<Uri> {
-    let base_path = base.path().trim_end_matches('/');
-    let path_and_query = request.path_and_query().map_or("/", |p| p.as_str());
-    let mut builder = Uri::builder().path_and_query(format!("{base_path}{path_and_query}"));
-    if let Some(scheme) = base.scheme() {
-        builder = builder.scheme(scheme.clone());
-    }
-    if let Some(authority) = base.authority() {
-        builder = builder.authority(authority.clone());
-    }
-    builder.build().ok()
-}
-
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -456,12 +647,44 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_joins_base_path_and_query() {
-        let base: Uri = "http://127.0.0.1:9000/base/".parse().unwrap();
-        let req: Uri = "/pets/1?x=1".parse().unwrap();
+    fn integration_uri_keeps_the_query_and_refuses_non_http() {
         assert_eq!(
-            upstream_uri(&base, &req).unwrap(),
-            "http://127.0.0.1:9000/base/pets/1?x=1"
+            integration_uri("http://127.0.0.1:9000/pets/1", Some("a=1")).unwrap(),
+            "http://127.0.0.1:9000/pets/1?a=1"
+        );
+        assert!(integration_uri("https://example.com/x", None).is_none());
+        assert!(integration_uri("/relative", None).is_none());
+    }
+
+    #[test]
+    fn rate_limit_headers_follow_the_draft_syntax() {
+        use crate::engine::{QuotaStatus, ThrottleStatus};
+        let limits = EngineLimits {
+            quota: Some(QuotaStatus {
+                limit: 5000,
+                remaining: 4999,
+                used: 1,
+                period: crate::plan::QuotaPeriod::Month,
+                reset_at_ns: 0,
+                reset_secs: 100,
+                window_secs: 2_592_000,
+            }),
+            throttle: Some(ThrottleStatus {
+                rate: 50.0,
+                burst: 100,
+                remaining: 99,
+                reset_secs: 1,
+            }),
+        };
+        let mut headers = HeaderMap::new();
+        add_rate_limit_headers(&mut headers, &limits);
+        assert_eq!(
+            headers["ratelimit-policy"],
+            r#""quota";q=5000;w=2592000, "throttle";q=100;w=2"#
+        );
+        assert_eq!(
+            headers["ratelimit"],
+            r#""quota";r=4999;t=100, "throttle";r=99;t=1"#
         );
     }
 

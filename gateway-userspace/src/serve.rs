@@ -16,9 +16,14 @@ use http::Uri;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    admin, demo,
+    admin,
+    clock::SystemClock,
+    demo,
+    engine::Engine,
     metrics::Metrics,
+    plan::{Method, Model, RestApi, Stage},
     proxy::{Limits, Proxy, ProxyConfig},
+    store::MemoryStore,
     xdp::{XdpMode, XdpProgram},
 };
 
@@ -31,18 +36,34 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     /// Directory for persistent state.
     pub state_dir: PathBuf,
-    /// Upstream base URI; `None` starts the built-in demo upstream.
-    pub upstream: Option<Uri>,
+    /// Where the APIs, plans and keys come from.
+    pub model: ModelSource,
     /// Interface to attach the XDP program to, if any.
     pub xdp_iface: Option<String>,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Longest wait for an upstream response head.
+    /// Longest wait for an upstream response head (`--upstream` mode).
     pub integration_timeout: Duration,
     /// Data-plane resource limits.
     pub limits: Limits,
+    /// IETF RateLimit headers and Retry-After on.
+    pub rate_limit_headers: bool,
+    /// Forward `x-api-key` upstream.
+    pub forward_api_key: bool,
+}
+
+/// Where the gateway's configuration (APIs, stages, plans, keys) comes from.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    /// The built-in demo: a demo upstream, API `demo`, stage `prod`, plan `silver`, and
+    /// the demo key.
+    Demo,
+    /// One open API (no key required) forwarding every path of `stage` to `upstream`.
+    Upstream { upstream: Uri, stage: String },
+    /// A JSON file holding a `plan::Model` (AWS member names).
+    File(PathBuf),
 }
 
 /// Why `gateway serve` could not start.
@@ -63,7 +84,14 @@ pub enum ServeError {
     Demo(std::io::Error),
     #[error(transparent)]
     Xdp(#[from] crate::xdp::XdpError),
+    #[error("cannot read the configuration {path}: {reason}")]
+    ConfigFile { path: PathBuf, reason: String },
+    #[error("the configuration is not valid: {0}")]
+    Model(#[from] crate::plan::ModelError),
 }
+
+/// Requests per second, burst and daily quota of the demo's plan.
+const DEMO_PLAN: (f64, i64, i64) = (10.0, 20, 1000);
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
@@ -89,17 +117,12 @@ pub async fn run(
             source,
         })?;
 
-    let upstream = match config.upstream.clone() {
-        Some(uri) => uri,
-        None => {
-            let addr = demo::spawn_upstream().await.map_err(ServeError::Demo)?;
-            let uri: Uri = format!("http://{addr}")
-                .parse()
-                .expect("a socket address makes a valid URI");
-            println!("demo upstream={addr} key={}", demo::DEMO_KEY);
-            uri
-        }
-    };
+    let model = load_model(&config).await?;
+    let engine = Arc::new(Engine::new(
+        model,
+        Arc::new(MemoryStore::new()),
+        Arc::new(SystemClock),
+    )?);
 
     let metrics = Arc::new(Metrics::new());
     let xdp = match &config.xdp_iface {
@@ -118,12 +141,14 @@ pub async fn run(
 
     let proxy = Arc::new(Proxy::new(
         ProxyConfig {
-            upstream,
-            integration_timeout: config.integration_timeout,
             limits: config.limits.clone(),
+            rate_limit_headers: config.rate_limit_headers,
+            forward_api_key: config.forward_api_key,
         },
+        engine.clone(),
         metrics.clone(),
     ));
+    let flusher = tokio::spawn(flush_usage(engine.clone()));
     let data_task = tokio::spawn(proxy.serve(data, stopped(stop_rx.clone()), config.drain_timeout));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
@@ -142,6 +167,10 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = data_task.await;
     let _ = admin_task.await;
+    flusher.abort();
+    if let Err(error) = engine.flush() {
+        tracing::error!(%error, "final usage flush failed");
+    }
     if let Some(poller) = poller {
         poller.abort();
     }
@@ -155,6 +184,66 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Builds the model the gateway starts with.
+async fn load_model(config: &ServeConfig) -> Result<Model, ServeError> {
+    match &config.model {
+        ModelSource::Demo => {
+            let addr = demo::spawn_upstream().await.map_err(ServeError::Demo)?;
+            let (rate, burst, quota) = DEMO_PLAN;
+            println!(
+                "demo upstream={addr} key={} api=demo stage=prod plan=silver \
+                 rate={rate}/s burst={burst} quota={quota}/day",
+                demo::DEMO_KEY
+            );
+            Ok(Model::demo(
+                &format!("http://{addr}"),
+                demo::DEMO_KEY,
+                rate,
+                burst,
+                quota,
+            ))
+        }
+        ModelSource::Upstream { upstream, stage } => {
+            let base = upstream.to_string();
+            let base = base.trim_end_matches('/');
+            let timeout = u32::try_from(config.integration_timeout.as_millis()).unwrap_or(29_000);
+            Ok(Model::new().api(
+                RestApi::new("default", "default")
+                    .method(
+                        "/",
+                        "ANY",
+                        Method::http_proxy(format!("{base}/")).timeout_ms(timeout),
+                    )
+                    .method(
+                        "/{proxy+}",
+                        "ANY",
+                        Method::http_proxy(format!("{base}/{{proxy}}")).timeout_ms(timeout),
+                    )
+                    .stage(Stage::new(stage.as_str())),
+            ))
+        }
+        ModelSource::File(path) => {
+            let bad = |reason: String| ServeError::ConfigFile {
+                path: path.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+        }
+    }
+}
+
+/// Writes admitted-request counts to the usage store once a second.
+async fn flush_usage(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(error) = engine.flush() {
+            tracing::warn!(%error, "usage flush failed; counts are kept for the next one");
+        }
+    }
 }
 
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

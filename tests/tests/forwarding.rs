@@ -26,7 +26,10 @@ fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
     assert!(lower.contains("x-amzn-requestid: "), "{body}");
     let json_start = body.find('{').expect("a JSON body");
     let echo: serde_json::Value = serde_json::from_str(&body[json_start..])?;
-    assert_eq!(echo["path"], "/prod/pets");
+    assert_eq!(
+        echo["path"], "/pets",
+        "the stage is not part of the upstream path"
+    );
     assert_eq!(echo["query"], "limit=2");
     assert_eq!(echo["xForwardedFor"], "127.0.0.1");
     assert_eq!(upstream.requests(), 1);
@@ -36,7 +39,7 @@ fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
     assert_eq!(
         metric(
             &metrics,
-            "gateway_requests_total{status=\"200\",outcome=\"allowed\"}"
+            "gateway_requests_total{api=\"default\",stage=\"prod\",resource=\"/{proxy+}/ANY\",status=\"200\",outcome=\"allowed\"}"
         ),
         Some(1),
         "{metrics}"
@@ -59,7 +62,8 @@ fn demo_mode_serves_on_its_own() -> anyhow::Result<()> {
         .find(|line| line.starts_with("demo "))
         .expect("the demo banner names the demo key");
     assert!(demo.contains("key="), "{demo}");
-    let (status, body) = curl(None, &[&format!("http://{}/prod/hello", gateway.data)])?;
+    let url = format!("http://{}/prod/hello", gateway.data);
+    let (status, body) = curl(None, &["-H", "x-api-key: demo-key-0123456789abcdef", &url])?;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("hello from the demo upstream"), "{body}");
     Ok(())

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use gateway_tests::{Gateway, NetPair, Upstream, can_run_privileged, curl, ip, metric};
+use gateway_tests::{
+    Gateway, NetPair, Upstream, can_run_privileged, curl, ip, metric, privileged_required,
+};
 
 #[test]
 fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
@@ -14,7 +16,7 @@ fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
     let upstream = Upstream::start_in(Some(&net.gateway), "127.0.0.1:0".parse()?)?;
     let listen = format!("{}:0", net.gateway_ip);
     let upstream_url = format!("http://{}", upstream.addr);
-    let mut gateway = Gateway::start(
+    let started = Gateway::start(
         Some(&net.gateway),
         &[
             "--listen",
@@ -28,7 +30,17 @@ fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
             "--xdp-mode",
             "native",
         ],
-    )?;
+    );
+    let mut gateway = match started {
+        Err(e)
+            if e.to_string().contains("built without the XDP program")
+                && !privileged_required() =>
+        {
+            eprintln!("skipped: this gateway binary has no XDP program (use `cargo xtask test`)");
+            return Ok(());
+        }
+        other => other?,
+    };
     let link = ip(&["-n", &net.gateway, "link", "show", &net.gateway_if])?;
     assert!(
         link.contains("prog/xdp"),
@@ -40,10 +52,7 @@ fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
         let url = format!("http://{}/prod/items/{i}", gateway.data);
         let (status, body) = curl(Some(&net.client), &[&url])?;
         assert_eq!(status, 200, "{body}");
-        assert!(
-            body.contains(&format!("\"path\":\"/prod/items/{i}\"")),
-            "{body}"
-        );
+        assert!(body.contains(&format!("\"path\":\"/items/{i}\"")), "{body}");
     }
     assert_eq!(upstream.requests(), REQUESTS);
 
