@@ -50,6 +50,9 @@ fn eight_threads_on_one_key_admit_burst_plus_rate_times_t() {
     let route = engine.resolve(None, "prod", "GET", "/x").expect("route");
     let admitted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
+    // T starts at the first decision, not at engine construction: the bucket is full
+    // either way, and thread start-up must not count as time the key could have used.
+    clock.first.store(0, Ordering::SeqCst);
     let stop_at = Instant::now() + Duration::from_secs(2);
     let threads: Vec<_> = (0..8)
         .map(|_| {
