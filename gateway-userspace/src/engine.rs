@@ -471,11 +471,19 @@ fn new_chunk() -> Chunk {
     (0..CHUNK).map(|_| Cell::default()).collect()
 }
 
+/// Longest key id stored inline in its [`KeyRec`]; longer ids go to the arena.
+const INLINE_ID: usize = 16;
+
+/// One API key in a snapshot (56 bytes). The first membership is inline so that the common
+/// one-plan key is decided from this record, its table entry and its cell alone.
 #[derive(Debug, Clone, Copy, Default)]
 struct KeyRec {
     digest: [u64; 2],
+    id_inline: [u8; INLINE_ID],
     id_off: u32,
     members_off: u32,
+    first_plan: u32,
+    first_cell: u32,
     id_len: u8,
     members_len: u8,
     enabled: bool,
@@ -611,11 +619,13 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn key_id(&self, k: &KeyRec) -> &str {
+    fn key_id<'a>(&'a self, k: &'a KeyRec) -> &'a str {
+        let len = usize::from(k.id_len);
+        if len <= INLINE_ID {
+            return std::str::from_utf8(&k.id_inline[..len]).unwrap_or("");
+        }
         let start = k.id_off as usize;
-        self.key_ids
-            .get(start..start + usize::from(k.id_len))
-            .unwrap_or("")
+        self.key_ids.get(start..start + len).unwrap_or("")
     }
 
     fn members(&self, k: &KeyRec) -> &[Member] {
@@ -948,22 +958,34 @@ impl Engine {
                 key: Some(key),
             };
         }
-        let Some(member) = c
-            .members(k)
-            .iter()
-            .find(|m| c.plan_covers(&c.plans[m.plan as usize], stage_idx))
-        else {
-            return Decision::Forbidden {
-                reason: ForbiddenReason::NoPlanForStage,
-                key: Some(key),
+        // The first membership is inline in the key record; others need the members list.
+        let (plan_idx, cell_idx, member_no) =
+            if k.members_len > 0 && c.plan_covers(&c.plans[k.first_plan as usize], stage_idx) {
+                (k.first_plan, k.first_cell, 0)
+            } else {
+                match c
+                    .members(k)
+                    .iter()
+                    .enumerate()
+                    .find(|(_, m)| c.plan_covers(&c.plans[m.plan as usize], stage_idx))
+                {
+                    Some((i, m)) => (m.plan, m.cell, i),
+                    None => {
+                        return Decision::Forbidden {
+                            reason: ForbiddenReason::NoPlanForStage,
+                            key: Some(key),
+                        };
+                    }
+                }
             };
-        };
-        let plan = &c.plans[member.plan as usize];
+        let plan = &c.plans[plan_idx as usize];
         let plan_id = Id::new(&plan.id);
-        let cell = c.cell(member.cell);
+        let cell = c.cell(cell_idx);
 
         let mut layers = Layers::new();
-        if let Some(pm) = &member.pm
+        if !plan.pm.is_empty()
+            && let Some(member) = c.members(k).get(member_no)
+            && let Some(pm) = &member.pm
             && let Some(i) = plan.pm.iter().position(|e| {
                 e.stage == stage_idx
                     && e.method == method_idx
@@ -1653,7 +1675,7 @@ fn compile(
         .max()
         .unwrap_or(0);
     let mut keys = vec![KeyRec::default(); max_slot];
-    let mut key_ids = String::with_capacity(n * 12);
+    let mut key_ids = String::new();
     let mut members = Vec::with_capacity(n);
     let mut kept_cells: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for &(slot, i) in &assigned {
@@ -1728,12 +1750,26 @@ fn compile(
             members.push(Member { plan: pi, cell, pm });
             count += 1;
         }
-        let id_off = key_ids.len() as u32;
-        key_ids.push_str(&key.id);
+        let mut id_inline = [0u8; INLINE_ID];
+        let id_off = if key.id.len() <= INLINE_ID {
+            id_inline[..key.id.len()].copy_from_slice(key.id.as_bytes());
+            0
+        } else {
+            let off = key_ids.len() as u32;
+            key_ids.push_str(&key.id);
+            off
+        };
+        let (first_plan, first_cell) = members
+            .get(members_off as usize)
+            .filter(|_| count > 0)
+            .map_or((0, 0), |m| (m.plan, m.cell));
         keys[slot as usize] = KeyRec {
             digest: hashers.digest(&key.value),
+            id_inline,
             id_off,
             members_off,
+            first_plan,
+            first_cell,
             id_len: key.id.len() as u8,
             members_len: count,
             enabled: key.enabled,
