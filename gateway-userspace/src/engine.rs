@@ -1036,17 +1036,18 @@ impl Engine {
             _ => None,
         };
 
+        let throttled = |r: limit::Rejected| Decision::Throttled {
+            layer: r.layer,
+            retry_after_ns: r.retry_after_ns,
+            key: Some(key),
+            plan_id: Some(plan_id),
+            limits: Limits {
+                quota: current_quota(),
+                throttle: throttle_status(now),
+            },
+        };
         if let Err(r) = layers.peek(now) {
-            return Decision::Throttled {
-                layer: r.layer,
-                retry_after_ns: r.retry_after_ns,
-                key: Some(key),
-                plan_id: Some(plan_id),
-                limits: Limits {
-                    quota: current_quota(),
-                    throttle: throttle_status(now),
-                },
-            };
+            return throttled(r);
         }
         let mut quota_after = None;
         if let (Some(q), Some(b)) = (plan.quota, bounds) {
@@ -1069,16 +1070,7 @@ impl Engine {
             if let Some(b) = bounds {
                 cell.quota.refund(b.start_day as u32);
             }
-            return Decision::Throttled {
-                layer: r.layer,
-                retry_after_ns: r.retry_after_ns,
-                key: Some(key),
-                plan_id: Some(plan_id),
-                limits: Limits {
-                    quota: current_quota(),
-                    throttle: throttle_status(now),
-                },
-            };
+            return throttled(r);
         }
         if let Some((old_day, count)) = cell.quota.record(day) {
             self.spill_old_day(&c, plan, key.id.as_str(), old_day, count);
