@@ -13,7 +13,7 @@ use crate::{
 
 /// Edge API gateway with usage plans (API keys, throttles, quotas) and an XDP fast path.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about)]
+#[command(name = "gateway", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -45,16 +45,38 @@ pub struct ServeArgs {
     /// Admin API (and /metrics) listen address; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:9180")]
     pub admin_listen: SocketAddr,
-    /// Directory for persistent state.
+    /// Directory for persistent state: configuration and usage (`gateway.redb`).
     #[arg(long, default_value = "./.gateway")]
     pub state_dir: PathBuf,
-    /// Configuration file: a JSON model of REST APIs, stages, usage plans and API keys.
-    #[arg(long, conflicts_with = "upstream")]
+    /// Configuration file: a JSON model of REST APIs, stages, usage plans and API keys. It
+    /// replaces the stored configuration at start-up (usage counters are kept).
+    #[arg(long, conflicts_with_all = ["upstream", "demo"])]
     pub config: Option<PathBuf>,
     /// Serve one open API (no key required) forwarding every path to this upstream base
-    /// URL (http://HOST:PORT[/PATH]). Without --config or --upstream the demo runs.
-    #[arg(long)]
+    /// URL (http://HOST:PORT[/PATH]); replaces the stored configuration at start-up.
+    #[arg(long, conflicts_with = "demo")]
     pub upstream: Option<String>,
+    /// Start a demo upstream and a demo API, plan and key (replaces the stored configuration).
+    /// Without --demo, --config or --upstream the stored configuration is served, and the admin
+    /// API changes it.
+    #[arg(long)]
+    pub demo: bool,
+    /// Access key id the admin API requires in SigV4 signatures. Without credentials the admin
+    /// API accepts unsigned requests and may only listen on loopback.
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_ACCESS_KEY_ID",
+        requires = "admin_secret_access_key"
+    )]
+    pub admin_access_key_id: Option<String>,
+    /// Secret access key of --admin-access-key-id.
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_SECRET_ACCESS_KEY",
+        requires = "admin_access_key_id",
+        hide_env_values = true
+    )]
+    pub admin_secret_access_key: Option<String>,
     /// Stage name of the --upstream API.
     #[arg(long, default_value = "prod", requires = "upstream")]
     pub stage: String,
@@ -116,8 +138,34 @@ impl ServeArgs {
                     stage: self.stage,
                 }
             }
-            (None, None) => ModelSource::Demo,
+            (None, None) if self.demo => ModelSource::Demo,
+            (None, None) => ModelSource::Stored,
         };
+        let admin_credentials = match (self.admin_access_key_id, self.admin_secret_access_key) {
+            (Some(access_key_id), Some(secret_access_key)) => {
+                if access_key_id.is_empty() || secret_access_key.is_empty() {
+                    return Err(FlagError {
+                        flag: "admin-access-key-id",
+                        reason: "the access key id and the secret must not be empty".into(),
+                    });
+                }
+                Some(crate::sigv4::Credentials {
+                    access_key_id,
+                    secret_access_key,
+                })
+            }
+            _ => None,
+        };
+        if admin_credentials.is_none() && !self.admin_listen.ip().is_loopback() {
+            return Err(FlagError {
+                flag: "admin-listen",
+                reason: format!(
+                    "{} is not a loopback address: an admin API reachable from the network needs \
+                     --admin-access-key-id and --admin-secret-access-key",
+                    self.admin_listen
+                ),
+            });
+        }
         if let Some(iface) = &self.xdp_iface {
             crate::xdp::validate_interface(iface).map_err(|e| FlagError {
                 flag: "xdp-iface",
@@ -151,6 +199,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
+            admin_credentials,
             state_dir: self.state_dir,
             model,
             xdp_iface: self.xdp_iface,
@@ -207,7 +256,15 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.admin_listen, "127.0.0.1:9180".parse().unwrap());
         assert_eq!(config.state_dir, PathBuf::from("./.gateway"));
-        assert!(matches!(config.model, ModelSource::Demo));
+        assert!(matches!(config.model, ModelSource::Stored));
+        assert!(config.admin_credentials.is_none());
+        assert!(matches!(
+            serve_args(&["--demo"]).unwrap().model,
+            ModelSource::Demo
+        ));
+        // A flag given twice: the last one wins (scripts append overrides).
+        let config = serve_args(&["--state-dir", "/a", "--state-dir", "/b"]).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/b"));
         assert_eq!(config.integration_timeout, Duration::from_secs(29));
     }
 
@@ -221,6 +278,17 @@ mod tests {
         assert!(err.starts_with("--xdp-iface:"), "{err}");
         let err = serve_args(&["--integration-timeout-ms", "30000"]).unwrap_err();
         assert!(err.starts_with("--integration-timeout-ms:"), "{err}");
+        let err = serve_args(&["--admin-listen", "0.0.0.0:9180"]).unwrap_err();
+        assert!(err.starts_with("--admin-listen:"), "{err}");
+        let ok = serve_args(&[
+            "--admin-listen",
+            "0.0.0.0:9180",
+            "--admin-access-key-id",
+            "AKID",
+            "--admin-secret-access-key",
+            "secret",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
         let err = serve_args(&["--xdp-iface", "eth0", "--xdp-mode", "fast"]).unwrap_err();
         assert!(err.contains("unknown XDP mode"), "{err}");
     }

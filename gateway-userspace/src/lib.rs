@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod limit;
@@ -11,5 +12,7 @@ pub mod plan;
 pub mod proxy;
 pub mod quota;
 pub mod serve;
+pub mod sigv4;
+pub mod state;
 pub mod store;
 pub mod xdp;

@@ -171,6 +171,27 @@ pub struct RestApi {
     /// Deployed stages.
     #[serde(default)]
     pub stages: Vec<Stage>,
+    /// Deployments (CreateDeployment); a stage names the one it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<Deployment>,
+    /// Creation time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date: Option<i64>,
+}
+
+/// A deployment of a REST API. Stages serve the API's current resources and methods; the
+/// deployment records when and why a stage was (re)deployed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    /// Deployment id (AWS: 6 lowercase alphanumerics).
+    pub id: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Creation time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date: Option<i64>,
 }
 
 /// A resource: a path template and the methods declared on it.
@@ -194,6 +215,9 @@ pub struct Method {
     /// Whether a valid API key in a usage plan for the stage is required.
     #[serde(default)]
     pub api_key_required: bool,
+    /// AWS authorization type (`NONE`, `AWS_IAM`, ...); recorded and echoed, not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_type: Option<String>,
     /// Backend the method proxies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method_integration: Option<Integration>,
@@ -222,6 +246,10 @@ pub struct Integration {
     /// Backend URL; may contain `{param}` path parameters and `${stageVariables.NAME}`.
     #[serde(default)]
     pub uri: String,
+    /// Method used towards the backend (`integrationHttpMethod`); `HTTP_PROXY` forwards the
+    /// client's method, so it is recorded and echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_method: Option<String>,
     /// Upstream timeout in milliseconds (50..=29000 on AWS; default 29000).
     #[serde(default = "default_timeout")]
     pub timeout_in_millis: u32,
@@ -246,6 +274,15 @@ pub struct Stage {
     /// Stage variables, substituted into integration URIs.
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
+    /// The deployment the stage serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    /// Creation time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date: Option<i64>,
+    /// Last update time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date: Option<i64>,
 }
 
 /// Per-method stage settings (throttling only).
@@ -541,24 +578,26 @@ impl Method {
     /// A method with an `HTTP_PROXY` integration to `uri` (timeout 29 s, no key required).
     pub fn http_proxy(uri: impl Into<String>) -> Self {
         Method {
-            api_key_required: false,
             method_integration: Some(Integration {
                 integration_type: IntegrationType::HttpProxy,
                 uri: uri.into(),
                 timeout_in_millis: DEFAULT_TIMEOUT_MS,
+                http_method: None,
             }),
+            ..Method::default()
         }
     }
 
     /// A method with a `MOCK` integration.
     pub fn mock() -> Self {
         Method {
-            api_key_required: false,
             method_integration: Some(Integration {
                 integration_type: IntegrationType::Mock,
                 uri: String::new(),
                 timeout_in_millis: DEFAULT_TIMEOUT_MS,
+                http_method: None,
             }),
+            ..Method::default()
         }
     }
 

@@ -18,12 +18,13 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     admin,
     clock::SystemClock,
+    control::Control,
     demo,
     engine::Engine,
     metrics::Metrics,
     plan::{Method, Model, RestApi, Stage},
     proxy::{Limits, Proxy, ProxyConfig},
-    store::MemoryStore,
+    state::StateDb,
     xdp::{XdpMode, XdpProgram},
 };
 
@@ -34,6 +35,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Admin API listen address (port 0 picks a free port).
     pub admin_listen: SocketAddr,
+    /// SigV4 credentials the admin API requires; `None` accepts unsigned requests.
+    pub admin_credentials: Option<crate::sigv4::Credentials>,
     /// Directory for persistent state.
     pub state_dir: PathBuf,
     /// Where the APIs, plans and keys come from.
@@ -57,12 +60,17 @@ pub struct ServeConfig {
 /// Where the gateway's configuration (APIs, stages, plans, keys) comes from.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
+    /// The configuration stored in the state directory (empty at first start), changed
+    /// through the admin API.
+    Stored,
     /// The built-in demo: a demo upstream, API `demo`, stage `prod`, plan `silver`, and
-    /// the demo key.
+    /// the demo key. Replaces the stored configuration.
     Demo,
     /// One open API (no key required) forwarding every path of `stage` to `upstream`.
+    /// Replaces the stored configuration.
     Upstream { upstream: Uri, stage: String },
-    /// A JSON file holding a `plan::Model` (AWS member names).
+    /// A JSON file holding a `plan::Model` (AWS member names). Replaces the stored
+    /// configuration.
     File(PathBuf),
 }
 
@@ -88,6 +96,8 @@ pub enum ServeError {
     ConfigFile { path: PathBuf, reason: String },
     #[error("the configuration is not valid: {0}")]
     Model(#[from] crate::plan::ModelError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// Requests per second, burst and daily quota of the demo's plan.
@@ -117,12 +127,29 @@ pub async fn run(
             source,
         })?;
 
-    let model = load_model(&config).await?;
+    let db = StateDb::open(&config.state_dir)?;
+    let stored = db.load_model()?;
+    let model = match load_model(&config).await? {
+        Some(model) => {
+            model.validate()?;
+            db.save_model(stored.as_ref(), &model)?;
+            model
+        }
+        None => stored.unwrap_or_default(),
+    };
+    tracing::info!(
+        state = %db.path().display(),
+        rest_apis = model.rest_apis.len(),
+        api_keys = model.api_keys.len(),
+        usage_plans = model.usage_plans.len(),
+        "configuration loaded"
+    );
     let engine = Arc::new(Engine::new(
         model,
-        Arc::new(MemoryStore::new()),
+        Arc::new(db.clone()),
         Arc::new(SystemClock),
     )?);
+    let control = Arc::new(Control::new(engine.clone(), Some(Arc::new(db.clone()))));
 
     let metrics = Arc::new(Metrics::new());
     let xdp = match &config.xdp_iface {
@@ -152,7 +179,11 @@ pub async fn run(
     let data_task = tokio::spawn(proxy.serve(data, stopped(stop_rx.clone()), config.drain_timeout));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
-        metrics.clone(),
+        Arc::new(admin::Ctx {
+            control,
+            metrics: metrics.clone(),
+            credentials: config.admin_credentials.clone(),
+        }),
         stopped(stop_rx.clone()),
     ));
     let poller = xdp
@@ -186,9 +217,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Builds the model the gateway starts with.
-async fn load_model(config: &ServeConfig) -> Result<Model, ServeError> {
-    match &config.model {
+/// The model a start-up source imposes, or `None` to serve the stored configuration.
+async fn load_model(config: &ServeConfig) -> Result<Option<Model>, ServeError> {
+    let model = match &config.model {
+        ModelSource::Stored => return Ok(None),
         ModelSource::Demo => {
             let addr = demo::spawn_upstream().await.map_err(ServeError::Demo)?;
             let (rate, burst, quota) = DEMO_PLAN;
@@ -197,19 +229,19 @@ async fn load_model(config: &ServeConfig) -> Result<Model, ServeError> {
                  rate={rate}/s burst={burst} quota={quota}/day",
                 demo::DEMO_KEY
             );
-            Ok(Model::demo(
+            Model::demo(
                 &format!("http://{addr}"),
                 demo::DEMO_KEY,
                 rate,
                 burst,
                 quota,
-            ))
+            )
         }
         ModelSource::Upstream { upstream, stage } => {
             let base = upstream.to_string();
             let base = base.trim_end_matches('/');
             let timeout = u32::try_from(config.integration_timeout.as_millis()).unwrap_or(29_000);
-            Ok(Model::new().api(
+            Model::new().api(
                 RestApi::new("default", "default")
                     .method(
                         "/",
@@ -222,7 +254,7 @@ async fn load_model(config: &ServeConfig) -> Result<Model, ServeError> {
                         Method::http_proxy(format!("{base}/{{proxy}}")).timeout_ms(timeout),
                     )
                     .stage(Stage::new(stage.as_str())),
-            ))
+            )
         }
         ModelSource::File(path) => {
             let bad = |reason: String| ServeError::ConfigFile {
@@ -230,9 +262,10 @@ async fn load_model(config: &ServeConfig) -> Result<Model, ServeError> {
                 reason,
             };
             let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
         }
-    }
+    };
+    Ok(Some(model))
 }
 
 /// Writes admitted-request counts to the usage store once a second.

@@ -54,7 +54,13 @@ fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
 fn demo_mode_serves_on_its_own() -> anyhow::Result<()> {
     let gateway = Gateway::start(
         None,
-        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
     )?;
     let demo = gateway
         .banner

@@ -277,3 +277,71 @@ fn the_key_may_change_between_requests_on_one_connection() -> anyhow::Result<()>
     assert_eq!(exchange(&mut conn, "/prod/pets/1", OTHER)?, 200);
     Ok(())
 }
+
+#[test]
+fn http2_prior_knowledge_gets_the_same_answers_on_one_connection() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let (gw, _dir) = start(&upstream, &[])?;
+    let url = |path: &str| {
+        format!(
+            "http://{}/restapis/{API}/prod/_user_request_{path}",
+            gw.data
+        )
+    };
+
+    // A refusal over h2c carries AWS's type and body like HTTP/1.1.
+    let path = format!("/restapis/{API}/prod/_user_request_/pets/1");
+    let refused = get(&gw, &path, None, &["--http2-prior-knowledge"])?;
+    assert!(refused.1.starts_with("http/2 403"), "{}", refused.1);
+    assert_refusal(refused, 403, "ForbiddenException", "Forbidden");
+
+    // Four streams on one h2c connection with the silver key (burst 3): the bucket is the
+    // key's, not the connection's, so exactly one of the four is throttled. (hyper's client
+    // rather than curl: curl 7.88 cannot reuse a prior-knowledge connection, curl#10634.)
+    let statuses = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(h2c_requests(
+            gw.data,
+            &[
+                url("/pets/1"),
+                url("/pets/2"),
+                url("/pets/1"),
+                url("/pets/2"),
+            ],
+        ))?;
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 200, 200, 429], "{statuses:?}");
+    assert_eq!(upstream.requests(), 3);
+    Ok(())
+}
+
+/// Sends GETs with the silver key as concurrent streams of ONE h2c (prior knowledge)
+/// connection; returns their statuses, checking each response is HTTP/2.
+async fn h2c_requests(addr: std::net::SocketAddr, urls: &[String]) -> anyhow::Result<Vec<u16>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    let driver = tokio::spawn(conn);
+    let requests = urls.iter().map(|url| {
+        let mut sender = sender.clone();
+        let request = http::Request::get(url.as_str())
+            .header("x-api-key", SILVER)
+            .body(http_body_util::Empty::<bytes::Bytes>::new());
+        async move {
+            let response = sender.send_request(request?).await?;
+            anyhow::ensure!(response.version() == http::Version::HTTP_2);
+            anyhow::Ok(response.status().as_u16())
+        }
+    });
+    let mut statuses = Vec::new();
+    for request in requests.map(tokio::spawn).collect::<Vec<_>>() {
+        statuses.push(request.await??);
+    }
+    driver.abort();
+    Ok(statuses)
+}

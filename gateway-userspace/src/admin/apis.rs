@@ -1,0 +1,1009 @@
+//! What plans apply to: REST APIs, resources, methods, integrations, deployments, stages and
+//! the account throttle.
+//!
+//! Choices where this gateway differs from AWS (documented in README):
+//! - Stages serve the API's current resources and methods: a method or integration change takes
+//!   effect at once, without CreateDeployment. CreateDeployment records a deployment and points
+//!   the stage (created when missing) at it.
+//! - Only `HTTP_PROXY`, `HTTP` (forwarded like `HTTP_PROXY`) and `MOCK` integrations exist.
+//! - Stage method settings keep throttling only; other settings (metrics, logging, caching) are
+//!   refused with 400 rather than silently dropped.
+
+use std::collections::BTreeMap;
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::wire::{self, ApiError, PatchOp, Req, new_id, put_opt};
+use super::{Ctx, Reply};
+use crate::plan::{
+    ApiKeySource, Deployment, HTTP_METHODS, Integration, IntegrationType, Method, MethodSetting,
+    Model, ModelError, Resource, RestApi, Stage, ThrottleSettings,
+};
+
+fn unknown_api() -> ModelError {
+    ModelError::not_found("Invalid API identifier specified")
+}
+
+fn unknown_resource() -> ModelError {
+    ModelError::not_found("Invalid Resource identifier specified")
+}
+
+fn unknown_method() -> ModelError {
+    ModelError::not_found("Invalid Method identifier specified")
+}
+
+fn unknown_stage() -> ModelError {
+    ModelError::not_found("Invalid Stage identifier specified")
+}
+
+fn api<'a>(m: &'a Model, id: &str) -> Result<&'a RestApi, ModelError> {
+    m.rest_apis
+        .iter()
+        .find(|a| a.id == id)
+        .ok_or_else(unknown_api)
+}
+
+fn api_mut<'a>(m: &'a mut Model, id: &str) -> Result<&'a mut RestApi, ModelError> {
+    m.rest_apis
+        .iter_mut()
+        .find(|a| a.id == id)
+        .ok_or_else(unknown_api)
+}
+
+fn key_source(s: &str) -> Result<ApiKeySource, ModelError> {
+    match s {
+        "HEADER" => Ok(ApiKeySource::Header),
+        "AUTHORIZER" => Ok(ApiKeySource::Authorizer),
+        _ => Err(ModelError::bad_request(format!(
+            "Invalid API Key source specified: {s}; must be one of HEADER, AUTHORIZER"
+        ))),
+    }
+}
+
+fn root_id(a: &RestApi) -> Option<&str> {
+    a.resources
+        .iter()
+        .find(|r| r.path == "/")
+        .map(|r| r.id.as_str())
+}
+
+/// The JSON of a REST API.
+fn api_json(a: &RestApi) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), a.id.clone().into());
+    o.insert("name".into(), a.name.clone().into());
+    put_opt(&mut o, "description", a.description.clone());
+    put_opt(&mut o, "createdDate", a.created_date);
+    o.insert("apiKeySource".into(), json!(a.api_key_source));
+    o.insert(
+        "endpointConfiguration".into(),
+        json!({"types": ["REGIONAL"]}),
+    );
+    o.insert("disableExecuteApiEndpoint".into(), false.into());
+    put_opt(&mut o, "rootResourceId", root_id(a).map(str::to_string));
+    Value::Object(o)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateApi {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    api_key_source: Option<String>,
+}
+
+/// POST /restapis
+pub fn create_api(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    let body: CreateApi = req.json()?;
+    if body.name.is_empty() {
+        return Err(ApiError::bad_request("Invalid REST API name specified"));
+    }
+    let source = match &body.api_key_source {
+        Some(s) => key_source(s)?,
+        None => ApiKeySource::Header,
+    };
+    let now = ctx.control.now_secs();
+    let api = ctx.control.update(move |m| {
+        let id = new_id(10, |id| m.rest_apis.iter().any(|a| a.id == id));
+        let root = new_id(10, |id| resource_id_taken(m, id));
+        let api = RestApi {
+            id,
+            name: body.name,
+            description: body.description,
+            api_key_source: source,
+            resources: vec![Resource {
+                id: root,
+                path: "/".into(),
+                resource_methods: BTreeMap::new(),
+            }],
+            created_date: Some(now),
+            ..RestApi::default()
+        };
+        m.rest_apis.push(api.clone());
+        Ok(api)
+    })?;
+    Ok(Reply::json(StatusCode::CREATED, api_json(&api)))
+}
+
+fn resource_id_taken(m: &Model, id: &str) -> bool {
+    m.rest_apis
+        .iter()
+        .any(|a| a.resources.iter().any(|r| r.id == id))
+}
+
+/// GET /restapis/{id}
+pub fn get_api(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    Ok(Reply::ok(api_json(api(&ctx.control.model(), id)?)))
+}
+
+/// GET /restapis
+pub fn list_apis(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let page = wire::page(req, m.rest_apis.iter().collect())?;
+    Ok(Reply::ok(page.to_json(|a| api_json(a))))
+}
+
+/// PATCH /restapis/{id}: `replace` `/name`, `/description`, `/apiKeySource`.
+pub fn update_api(ctx: &Ctx, req: &Req, id: &str) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 3] = ["/name", "/description", "/apiKeySource"];
+    let ops = req.patch()?;
+    let id = id.to_string();
+    let api = ctx.control.update(move |m| {
+        let a = api_mut(m, &id)?;
+        for op in &ops {
+            match (op.op.as_str(), op.path.as_str()) {
+                ("replace", "/name") => a.name = op.value()?.to_string(),
+                ("replace", "/description") => a.description = op.value.clone(),
+                ("replace", "/apiKeySource") => a.api_key_source = key_source(op.value()?)?,
+                _ => return Err(op.invalid(&PATHS)),
+            }
+        }
+        Ok(a.clone())
+    })?;
+    Ok(Reply::ok(api_json(&api)))
+}
+
+/// DELETE /restapis/{id}: refused while a usage plan still names one of its stages.
+pub fn delete_api(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    let id = id.to_string();
+    ctx.control.update(move |m| {
+        api(m, &id)?;
+        if let Some(p) = m
+            .usage_plans
+            .iter()
+            .find(|p| p.api_stages.iter().any(|s| s.api_id == id))
+        {
+            return Err(ModelError::bad_request(format!(
+                "Cannot delete REST API {id} because usage plan {} still references its stages; remove them from the plan first",
+                p.id
+            )));
+        }
+        m.rest_apis.retain(|a| a.id != id);
+        m.api_keys
+            .iter_mut()
+            .for_each(|k| k.stage_keys.retain(|s| !s.starts_with(&format!("{id}/"))));
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
+}
+
+fn parent_of<'a>(a: &'a RestApi, r: &Resource) -> Option<&'a Resource> {
+    if r.path == "/" {
+        return None;
+    }
+    let parent = match r.path.rsplit_once('/') {
+        Some(("", _)) => "/",
+        Some((p, _)) => p,
+        None => return None,
+    };
+    a.resources.iter().find(|x| x.path == parent)
+}
+
+fn method_json(resource: &Resource, verb: &str, method: &Method) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("httpMethod".into(), verb.into());
+    o.insert(
+        "authorizationType".into(),
+        method
+            .authorization_type
+            .clone()
+            .unwrap_or_else(|| "NONE".into())
+            .into(),
+    );
+    o.insert("apiKeyRequired".into(), method.api_key_required.into());
+    if let Some(i) = &method.method_integration {
+        o.insert("methodIntegration".into(), integration_json(resource, i));
+    }
+    Value::Object(o)
+}
+
+fn integration_json(resource: &Resource, i: &Integration) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("type".into(), json!(i.integration_type));
+    put_opt(&mut o, "httpMethod", i.http_method.clone());
+    if !i.uri.is_empty() {
+        o.insert("uri".into(), i.uri.clone().into());
+    }
+    o.insert("passthroughBehavior".into(), "WHEN_NO_MATCH".into());
+    o.insert("timeoutInMillis".into(), i.timeout_in_millis.into());
+    o.insert("cacheNamespace".into(), resource.id.clone().into());
+    o.insert("cacheKeyParameters".into(), json!([]));
+    Value::Object(o)
+}
+
+fn resource_json(a: &RestApi, r: &Resource, embed_methods: bool) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), r.id.clone().into());
+    if let Some(p) = parent_of(a, r) {
+        o.insert("parentId".into(), p.id.clone().into());
+        o.insert(
+            "pathPart".into(),
+            r.path.rsplit('/').next().unwrap_or("").into(),
+        );
+    }
+    o.insert("path".into(), r.path.clone().into());
+    if !r.resource_methods.is_empty() {
+        o.insert(
+            "resourceMethods".into(),
+            Value::Object(
+                r.resource_methods
+                    .iter()
+                    .map(|(verb, m)| {
+                        let v = if embed_methods {
+                            method_json(r, verb, m)
+                        } else {
+                            json!({})
+                        };
+                        (verb.clone(), v)
+                    })
+                    .collect(),
+            ),
+        );
+    }
+    Value::Object(o)
+}
+
+/// GET /restapis/{id}/resources[?embed=methods]
+pub fn list_resources(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let a = api(&m, api_id)?;
+    let embed = req
+        .query
+        .iter()
+        .any(|(k, v)| k == "embed" && v == "methods");
+    let page = wire::page(req, a.resources.iter().collect())?;
+    Ok(Reply::ok(page.to_json(|r| resource_json(a, r, embed))))
+}
+
+fn resource<'a>(a: &'a RestApi, id: &str) -> Result<&'a Resource, ModelError> {
+    a.resources
+        .iter()
+        .find(|r| r.id == id)
+        .ok_or_else(unknown_resource)
+}
+
+/// GET /restapis/{id}/resources/{rid}
+pub fn get_resource(ctx: &Ctx, api_id: &str, rid: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let a = api(&m, api_id)?;
+    Ok(Reply::ok(resource_json(a, resource(a, rid)?, true)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateResource {
+    #[serde(default)]
+    path_part: String,
+}
+
+/// POST /restapis/{id}/resources/{parentId}
+pub fn create_resource(
+    ctx: &Ctx,
+    req: &Req,
+    api_id: &str,
+    parent: &str,
+) -> Result<Reply, ApiError> {
+    let body: CreateResource = req.json()?;
+    let part = body.path_part;
+    if part.is_empty() || part.contains('/') {
+        return Err(ApiError::bad_request(format!(
+            "Resource's path part only allow a-zA-Z0-9._- and curly braces at the beginning and the end and an optional plus sign before the closing brace: '{part}'"
+        )));
+    }
+    let (api_id, parent) = (api_id.to_string(), parent.to_string());
+    let (a, r) = ctx.control.update(move |m| {
+        let rid = new_id(10, |id| resource_id_taken(m, id));
+        let a = api_mut(m, &api_id)?;
+        let parent_path = resource(a, &parent)?.path.clone();
+        let path = if parent_path == "/" {
+            format!("/{part}")
+        } else {
+            format!("{parent_path}/{part}")
+        };
+        if a.resources.iter().any(|r| r.path == path) {
+            return Err(ModelError::conflict(format!(
+                "Another resource with the same parent already has this name: {part}"
+            )));
+        }
+        let r = Resource {
+            id: rid,
+            path,
+            resource_methods: BTreeMap::new(),
+        };
+        a.resources.push(r.clone());
+        Ok((a.clone(), r))
+    })?;
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        resource_json(&a, &r, false),
+    ))
+}
+
+/// DELETE /restapis/{id}/resources/{rid}: removes the resource and everything below it.
+pub fn delete_resource(ctx: &Ctx, api_id: &str, rid: &str) -> Result<Reply, ApiError> {
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    ctx.control.update(move |m| {
+        let a = api_mut(m, &api_id)?;
+        let path = resource(a, &rid)?.path.clone();
+        if path == "/" {
+            return Err(ModelError::bad_request("Cannot delete the root resource"));
+        }
+        let below = format!("{path}/");
+        a.resources
+            .retain(|r| r.path != path && !r.path.starts_with(&below));
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
+}
+
+fn verb(v: &str) -> Result<String, ModelError> {
+    let upper = v.to_ascii_uppercase();
+    if HTTP_METHODS.contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(ModelError::bad_request(format!(
+            "Invalid HttpMethod specified. Valid options are {}",
+            HTTP_METHODS.join(",")
+        )))
+    }
+}
+
+fn resource_mut<'a>(
+    m: &'a mut Model,
+    api_id: &str,
+    rid: &str,
+) -> Result<&'a mut Resource, ModelError> {
+    api_mut(m, api_id)?
+        .resources
+        .iter_mut()
+        .find(|r| r.id == rid)
+        .ok_or_else(unknown_resource)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PutMethod {
+    #[serde(default)]
+    authorization_type: Option<String>,
+    #[serde(default)]
+    api_key_required: bool,
+}
+
+/// PUT /restapis/{id}/resources/{rid}/methods/{verb}
+pub fn put_method(
+    ctx: &Ctx,
+    req: &Req,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let body: PutMethod = req.json()?;
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    let (r, method) = ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        if r.resource_methods.contains_key(&verb) {
+            return Err(ModelError::conflict(
+                "Method already exists for this resource",
+            ));
+        }
+        let method = Method {
+            api_key_required: body.api_key_required,
+            authorization_type: Some(body.authorization_type.unwrap_or_else(|| "NONE".into())),
+            method_integration: None,
+        };
+        r.resource_methods.insert(verb.clone(), method.clone());
+        Ok((r.clone(), (verb, method)))
+    })?;
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        method_json(&r, &method.0, &method.1),
+    ))
+}
+
+fn method_of<'a>(r: &'a Resource, verb: &str) -> Result<&'a Method, ModelError> {
+    r.resource_methods.get(verb).ok_or_else(unknown_method)
+}
+
+/// GET /restapis/{id}/resources/{rid}/methods/{verb}
+pub fn get_method(
+    ctx: &Ctx,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let r = resource(api(&m, api_id)?, rid)?;
+    let verb = verb(http_method)?;
+    Ok(Reply::ok(method_json(r, &verb, method_of(r, &verb)?)))
+}
+
+/// PATCH /restapis/{id}/resources/{rid}/methods/{verb}: `replace /apiKeyRequired` and
+/// `/authorizationType`.
+pub fn update_method(
+    ctx: &Ctx,
+    req: &Req,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 2] = ["/apiKeyRequired", "/authorizationType"];
+    let ops = req.patch()?;
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    let (r, method) = ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        let method = r
+            .resource_methods
+            .get_mut(&verb)
+            .ok_or_else(unknown_method)?;
+        for op in &ops {
+            match (op.op.as_str(), op.path.as_str()) {
+                ("replace", "/apiKeyRequired") => method.api_key_required = op.boolean()?,
+                ("replace", "/authorizationType") => {
+                    method.authorization_type = Some(op.value()?.to_string());
+                }
+                _ => return Err(op.invalid(&PATHS)),
+            }
+        }
+        let method = method.clone();
+        Ok((r.clone(), (verb, method)))
+    })?;
+    Ok(Reply::ok(method_json(&r, &method.0, &method.1)))
+}
+
+/// DELETE /restapis/{id}/resources/{rid}/methods/{verb}
+pub fn delete_method(
+    ctx: &Ctx,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        r.resource_methods
+            .remove(&verb)
+            .ok_or_else(unknown_method)?;
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PutIntegration {
+    #[serde(rename = "type", default)]
+    integration_type: String,
+    #[serde(default)]
+    http_method: Option<String>,
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    timeout_in_millis: Option<u32>,
+}
+
+fn integration_type(s: &str) -> Result<IntegrationType, ModelError> {
+    match s {
+        "HTTP_PROXY" => Ok(IntegrationType::HttpProxy),
+        "HTTP" => Ok(IntegrationType::Http),
+        "MOCK" => Ok(IntegrationType::Mock),
+        _ => Err(ModelError::bad_request(format!(
+            "Integration type {s} is not supported by this gateway; use HTTP_PROXY, HTTP or MOCK"
+        ))),
+    }
+}
+
+fn check_uri(kind: IntegrationType, uri: &str) -> Result<(), ModelError> {
+    if kind == IntegrationType::Mock {
+        return Ok(());
+    }
+    let ok = (uri.starts_with("http://") || uri.starts_with("https://"))
+        && uri.parse::<http::Uri>().is_ok_and(|u| u.host().is_some());
+    if ok || (uri.contains('{') || uri.contains("${")) && uri.starts_with("http") {
+        Ok(())
+    } else {
+        Err(ModelError::bad_request(format!(
+            "Invalid HTTP endpoint specified for URI: {uri}"
+        )))
+    }
+}
+
+/// PUT /restapis/{id}/resources/{rid}/methods/{verb}/integration
+pub fn put_integration(
+    ctx: &Ctx,
+    req: &Req,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let body: PutIntegration = req.json()?;
+    let kind = integration_type(&body.integration_type)?;
+    let uri = body.uri.unwrap_or_default();
+    check_uri(kind, &uri)?;
+    let timeout = body
+        .timeout_in_millis
+        .unwrap_or(crate::plan::DEFAULT_TIMEOUT_MS);
+    if !(50..=29_000).contains(&timeout) {
+        return Err(ApiError::bad_request(
+            "Timeout should be between 50 ms and 29000 ms",
+        ));
+    }
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    let (r, integration) = ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        let method = r
+            .resource_methods
+            .get_mut(&verb)
+            .ok_or_else(unknown_method)?;
+        let integration = Integration {
+            integration_type: kind,
+            uri,
+            timeout_in_millis: timeout,
+            http_method: body.http_method,
+        };
+        method.method_integration = Some(integration.clone());
+        Ok((r.clone(), integration))
+    })?;
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        integration_json(&r, &integration),
+    ))
+}
+
+/// GET /restapis/{id}/resources/{rid}/methods/{verb}/integration
+pub fn get_integration(
+    ctx: &Ctx,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let r = resource(api(&m, api_id)?, rid)?;
+    let verb = verb(http_method)?;
+    let integration = method_of(r, &verb)?
+        .method_integration
+        .as_ref()
+        .ok_or_else(|| ModelError::not_found("No integration defined for method"))?;
+    Ok(Reply::ok(integration_json(r, integration)))
+}
+
+/// PATCH /restapis/{id}/resources/{rid}/methods/{verb}/integration: `replace /uri`,
+/// `/timeoutInMillis`, `/httpMethod`.
+pub fn update_integration(
+    ctx: &Ctx,
+    req: &Req,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 3] = ["/uri", "/timeoutInMillis", "/httpMethod"];
+    let ops = req.patch()?;
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    let (r, integration) = ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        let i = r
+            .resource_methods
+            .get_mut(&verb)
+            .ok_or_else(unknown_method)?
+            .method_integration
+            .as_mut()
+            .ok_or_else(|| ModelError::not_found("No integration defined for method"))?;
+        for op in &ops {
+            match (op.op.as_str(), op.path.as_str()) {
+                ("replace", "/uri") => {
+                    check_uri(i.integration_type, op.value()?)?;
+                    i.uri = op.value()?.to_string();
+                }
+                ("replace", "/timeoutInMillis") => {
+                    i.timeout_in_millis = u32::try_from(op.integer()?).unwrap_or(0);
+                }
+                ("replace", "/httpMethod") => i.http_method = Some(op.value()?.to_string()),
+                _ => return Err(op.invalid(&PATHS)),
+            }
+        }
+        let i = i.clone();
+        Ok((r.clone(), i))
+    })?;
+    Ok(Reply::ok(integration_json(&r, &integration)))
+}
+
+/// DELETE /restapis/{id}/resources/{rid}/methods/{verb}/integration
+pub fn delete_integration(
+    ctx: &Ctx,
+    api_id: &str,
+    rid: &str,
+    http_method: &str,
+) -> Result<Reply, ApiError> {
+    let verb = verb(http_method)?;
+    let (api_id, rid) = (api_id.to_string(), rid.to_string());
+    ctx.control.update(move |m| {
+        let r = resource_mut(m, &api_id, &rid)?;
+        let method = r
+            .resource_methods
+            .get_mut(&verb)
+            .ok_or_else(unknown_method)?;
+        method
+            .method_integration
+            .take()
+            .ok_or_else(|| ModelError::not_found("No integration defined for method"))?;
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
+}
+
+fn deployment_json(d: &Deployment) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), d.id.clone().into());
+    put_opt(&mut o, "description", d.description.clone());
+    put_opt(&mut o, "createdDate", d.created_date);
+    Value::Object(o)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateDeployment {
+    #[serde(default)]
+    stage_name: Option<String>,
+    #[serde(default)]
+    stage_description: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+}
+
+/// POST /restapis/{id}/deployments
+pub fn create_deployment(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
+    let body: CreateDeployment = req.json()?;
+    let now = ctx.control.now_secs();
+    let api_id = api_id.to_string();
+    let d = ctx.control.update(move |m| {
+        let a = api_mut(m, &api_id)?;
+        if a.resources.iter().all(|r| r.resource_methods.is_empty()) {
+            return Err(ModelError::bad_request(
+                "The REST API doesn't contain any methods",
+            ));
+        }
+        let id = new_id(6, |id| a.deployments.iter().any(|d| d.id == id));
+        let d = Deployment {
+            id: id.clone(),
+            description: body.description,
+            created_date: Some(now),
+        };
+        a.deployments.push(d.clone());
+        if let Some(name) = body.stage_name.filter(|n| !n.is_empty()) {
+            match a.stages.iter_mut().find(|s| s.stage_name == name) {
+                Some(s) => {
+                    s.deployment_id = Some(id);
+                    s.last_updated_date = Some(now);
+                    s.variables.extend(body.variables);
+                    if body.stage_description.is_some() {
+                        s.description = body.stage_description;
+                    }
+                }
+                None => a.stages.push(Stage {
+                    stage_name: name,
+                    description: body.stage_description,
+                    variables: body.variables,
+                    deployment_id: Some(id),
+                    created_date: Some(now),
+                    last_updated_date: Some(now),
+                    ..Stage::default()
+                }),
+            }
+        }
+        Ok(d)
+    })?;
+    Ok(Reply::json(StatusCode::CREATED, deployment_json(&d)))
+}
+
+/// GET /restapis/{id}/deployments
+pub fn list_deployments(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let a = api(&m, api_id)?;
+    let page = wire::page(req, a.deployments.iter().collect())?;
+    Ok(Reply::ok(page.to_json(|d| deployment_json(d))))
+}
+
+fn setting_json(s: &MethodSetting) -> Value {
+    json!({
+        "metricsEnabled": false,
+        "dataTraceEnabled": false,
+        "throttlingBurstLimit": s.throttling_burst_limit,
+        "throttlingRateLimit": s.throttling_rate_limit,
+        "cachingEnabled": false,
+        "cacheTtlInSeconds": 300,
+        "cacheDataEncrypted": false,
+        "requireAuthorizationForCacheControl": true,
+        "unauthorizedCacheControlHeaderStrategy": "SUCCEED_WITH_RESPONSE_HEADER",
+    })
+}
+
+fn stage_json(s: &Stage) -> Value {
+    let mut o = serde_json::Map::new();
+    put_opt(&mut o, "deploymentId", s.deployment_id.clone());
+    o.insert("stageName".into(), s.stage_name.clone().into());
+    put_opt(&mut o, "description", s.description.clone());
+    o.insert("cacheClusterEnabled".into(), false.into());
+    o.insert("cacheClusterStatus".into(), "NOT_AVAILABLE".into());
+    o.insert(
+        "methodSettings".into(),
+        Value::Object(
+            s.method_settings
+                .iter()
+                .map(|(k, v)| (k.clone(), setting_json(v)))
+                .collect(),
+        ),
+    );
+    if !s.variables.is_empty() {
+        o.insert("variables".into(), json!(s.variables));
+    }
+    o.insert("tracingEnabled".into(), false.into());
+    put_opt(&mut o, "createdDate", s.created_date);
+    put_opt(&mut o, "lastUpdatedDate", s.last_updated_date);
+    Value::Object(o)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateStage {
+    #[serde(default)]
+    stage_name: String,
+    #[serde(default)]
+    deployment_id: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+}
+
+/// POST /restapis/{id}/stages
+pub fn create_stage(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
+    let body: CreateStage = req.json()?;
+    let now = ctx.control.now_secs();
+    let api_id = api_id.to_string();
+    let stage = ctx.control.update(move |m| {
+        let a = api_mut(m, &api_id)?;
+        if !a.deployments.iter().any(|d| d.id == body.deployment_id) {
+            return Err(ModelError::not_found(
+                "Invalid Deployment identifier specified",
+            ));
+        }
+        if a.stages.iter().any(|s| s.stage_name == body.stage_name) {
+            return Err(ModelError::conflict("Stage already exists"));
+        }
+        let stage = Stage {
+            stage_name: body.stage_name,
+            description: body.description,
+            variables: body.variables,
+            deployment_id: Some(body.deployment_id),
+            created_date: Some(now),
+            last_updated_date: Some(now),
+            ..Stage::default()
+        };
+        a.stages.push(stage.clone());
+        Ok(stage)
+    })?;
+    Ok(Reply::json(StatusCode::CREATED, stage_json(&stage)))
+}
+
+/// GET /restapis/{id}/stages/{name}
+pub fn get_stage(ctx: &Ctx, api_id: &str, name: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let s = api(&m, api_id)?
+        .stages
+        .iter()
+        .find(|s| s.stage_name == name)
+        .ok_or_else(unknown_stage)?;
+    Ok(Reply::ok(stage_json(s)))
+}
+
+/// GET /restapis/{id}/stages (not paged, as AWS)
+pub fn list_stages(ctx: &Ctx, api_id: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let a = api(&m, api_id)?;
+    Ok(Reply::ok(
+        json!({"item": a.stages.iter().map(stage_json).collect::<Vec<_>>()}),
+    ))
+}
+
+/// PATCH /restapis/{id}/stages/{name}
+pub fn update_stage(ctx: &Ctx, req: &Req, api_id: &str, name: &str) -> Result<Reply, ApiError> {
+    let ops = req.patch()?;
+    let now = ctx.control.now_secs();
+    let (api_id, name) = (api_id.to_string(), name.to_string());
+    let stage = ctx.control.update(move |m| {
+        let a = api_mut(m, &api_id)?;
+        let deployments: Vec<String> = a.deployments.iter().map(|d| d.id.clone()).collect();
+        let s = a
+            .stages
+            .iter_mut()
+            .find(|s| s.stage_name == name)
+            .ok_or_else(unknown_stage)?;
+        for op in &ops {
+            apply_stage_op(s, op, &deployments)?;
+        }
+        s.last_updated_date = Some(now);
+        Ok(s.clone())
+    })?;
+    Ok(Reply::ok(stage_json(&stage)))
+}
+
+const STAGE_PATHS: [&str; 6] = [
+    "/description",
+    "/deploymentId",
+    "/variables/{name}",
+    "/{resourcePath}/{httpMethod}/throttling/rateLimit",
+    "/{resourcePath}/{httpMethod}/throttling/burstLimit",
+    "/{resourcePath}/{httpMethod}",
+];
+
+fn apply_stage_op(s: &mut Stage, op: &PatchOp, deployments: &[String]) -> Result<(), ModelError> {
+    let path = op.path.as_str();
+    match (op.op.as_str(), path) {
+        ("replace", "/description") => {
+            s.description = op.value.clone();
+            return Ok(());
+        }
+        ("replace", "/deploymentId") => {
+            let id = op.value()?;
+            if !deployments.iter().any(|d| d == id) {
+                return Err(ModelError::not_found(
+                    "Invalid Deployment identifier specified",
+                ));
+            }
+            s.deployment_id = Some(id.to_string());
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Some(var) = path.strip_prefix("/variables/") {
+        return match op.op.as_str() {
+            "replace" | "add" => {
+                s.variables.insert(var.to_string(), op.value()?.to_string());
+                Ok(())
+            }
+            "remove" => {
+                s.variables.remove(var);
+                Ok(())
+            }
+            _ => Err(op.invalid(&STAGE_PATHS)),
+        };
+    }
+    // `/{resourcePath}/{METHOD}[/throttling/{rateLimit|burstLimit}]`: the key is everything
+    // between the leading slash and the setting, kept as written (`*/*`, `pets/GET`,
+    // `~1pets/GET`).
+    let body = path.strip_prefix('/').unwrap_or(path);
+    if let Some((key, field)) = body
+        .rsplit_once("/throttling/")
+        .filter(|(k, _)| k.contains('/'))
+    {
+        if !matches!(op.op.as_str(), "replace" | "add") {
+            return Err(op.invalid(&STAGE_PATHS));
+        }
+        crate::plan::parse_method_setting_key(key)?;
+        let setting = s.method_settings.entry(key.to_string()).or_default();
+        match field {
+            "rateLimit" => setting.throttling_rate_limit = op.number()?,
+            "burstLimit" => setting.throttling_burst_limit = op.integer()?,
+            _ => return Err(op.invalid(&STAGE_PATHS)),
+        }
+        return Ok(());
+    }
+    if op.op == "remove" && body.matches('/').count() >= 1 && !body.contains("/throttling") {
+        crate::plan::parse_method_setting_key(body)?;
+        if s.method_settings.remove(body).is_none() {
+            return Err(ModelError::bad_request(format!(
+                "Cannot remove method setting {body} because there is no method setting for this method"
+            )));
+        }
+        return Ok(());
+    }
+    if body.contains('/') && op.op == "replace" {
+        return Err(ModelError::bad_request(format!(
+            "Stage setting {path} is not supported by this gateway; only throttling settings are kept"
+        )));
+    }
+    Err(op.invalid(&STAGE_PATHS))
+}
+
+/// DELETE /restapis/{id}/stages/{name}: refused while a usage plan names the stage.
+pub fn delete_stage(ctx: &Ctx, api_id: &str, name: &str) -> Result<Reply, ApiError> {
+    let (api_id, name) = (api_id.to_string(), name.to_string());
+    ctx.control.update(move |m| {
+        if let Some(p) = m.usage_plans.iter().find(|p| {
+            p.api_stages
+                .iter()
+                .any(|s| s.api_id == api_id && s.stage == name)
+        }) {
+            return Err(ModelError::bad_request(format!(
+                "Cannot delete stage {name} because usage plan {} still references it; remove it from the plan first",
+                p.id
+            )));
+        }
+        let a = api_mut(m, &api_id)?;
+        let before = a.stages.len();
+        a.stages.retain(|s| s.stage_name != name);
+        if a.stages.len() == before {
+            return Err(unknown_stage());
+        }
+        let stage_key = format!("{api_id}/{name}");
+        m.api_keys
+            .iter_mut()
+            .for_each(|k| k.stage_keys.retain(|s| *s != stage_key));
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
+}
+
+fn account_json(t: &ThrottleSettings) -> Value {
+    let mut throttle = serde_json::Map::new();
+    put_opt(&mut throttle, "burstLimit", t.burst_limit);
+    put_opt(&mut throttle, "rateLimit", t.rate_limit);
+    json!({
+        "throttleSettings": Value::Object(throttle),
+        "features": ["UsagePlans"],
+        "apiKeyVersion": "4",
+    })
+}
+
+/// GET /account
+pub fn get_account(ctx: &Ctx) -> Result<Reply, ApiError> {
+    Ok(Reply::ok(account_json(
+        &ctx.control.model().account.throttle_settings,
+    )))
+}
+
+/// PATCH /account: `replace /throttleSettings/rateLimit` and `/throttleSettings/burstLimit`
+/// (a self-hosted gateway lets the operator set the account throttle).
+pub fn update_account(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 2] = [
+        "/throttleSettings/rateLimit",
+        "/throttleSettings/burstLimit",
+    ];
+    let ops = req.patch()?;
+    let account = ctx.control.update(move |m| {
+        let t = &mut m.account.throttle_settings;
+        for op in &ops {
+            match (op.op.as_str(), op.path.as_str()) {
+                ("replace", "/throttleSettings/rateLimit") => t.rate_limit = Some(op.number()?),
+                ("replace", "/throttleSettings/burstLimit") => {
+                    t.burst_limit = Some(op.integer()?);
+                }
+                _ => return Err(op.invalid(&PATHS)),
+            }
+        }
+        crate::plan::validate_throttle(t)?;
+        Ok(*t)
+    })?;
+    Ok(Reply::ok(account_json(&account)))
+}

@@ -1,0 +1,334 @@
+//! API keys: CreateApiKey, GetApiKey, GetApiKeys, UpdateApiKey, DeleteApiKey, ImportApiKeys.
+//!
+//! Shapes follow AWS: `value` only with `includeValue(s)=true` (always on create), `stageKeys`
+//! always present, `tags` left out of create/get/list when empty and `{}` on update. Lists keep
+//! creation order (oldest first) so `position` stays valid while keys are added.
+
+use std::collections::{BTreeMap, HashMap};
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::wire::{self, ApiError, Req, new_id, put_opt, tags_json};
+use super::{Ctx, Reply};
+use crate::plan::{ApiKey, Model, ModelError, UsagePlanKey};
+
+/// Longest ImportApiKeys CSV, in rows (AWS limits keys per account to 10,000 by default).
+pub const MAX_IMPORT_ROWS: usize = 100_000;
+
+/// The JSON of a key. `value` and `tags` ({} when empty) on request.
+pub fn key_json(k: &ApiKey, include_value: bool, empty_tags: bool) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), k.id.clone().into());
+    if include_value {
+        o.insert("value".into(), k.value.clone().into());
+    }
+    put_opt(&mut o, "name", k.name.clone());
+    put_opt(&mut o, "description", k.description.clone());
+    put_opt(&mut o, "customerId", k.customer_id.clone());
+    o.insert("enabled".into(), k.enabled.into());
+    put_opt(&mut o, "createdDate", k.created_date);
+    put_opt(&mut o, "lastUpdatedDate", k.last_updated_date);
+    o.insert("stageKeys".into(), json!(k.stage_keys));
+    if empty_tags || !k.tags.is_empty() {
+        o.insert("tags".into(), tags_json(&k.tags));
+    }
+    Value::Object(o)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StageKey {
+    #[serde(default)]
+    rest_api_id: String,
+    #[serde(default)]
+    stage_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateKey {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    stage_keys: Vec<StageKey>,
+    #[serde(default)]
+    customer_id: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+/// POST /apikeys
+pub fn create(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    let body: CreateKey = req.json()?;
+    let now = ctx.control.now_secs();
+    let key = ctx.control.update(move |m| {
+        let stage_keys = body
+            .stage_keys
+            .iter()
+            .map(|s| stage_key(m, &s.rest_api_id, &s.stage_name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = ApiKey {
+            id: new_id(10, |id| m.api_keys.iter().any(|k| k.id == id)),
+            value: match body.value {
+                Some(v) if !v.is_empty() => v,
+                _ => wire::new_key_value(),
+            },
+            name: body.name.filter(|n| !n.is_empty()),
+            description: body.description,
+            enabled: body.enabled,
+            customer_id: body.customer_id,
+            created_date: Some(now),
+            last_updated_date: Some(now),
+            stage_keys,
+            tags: body.tags,
+        };
+        m.create_api_key(key).cloned()
+    })?;
+    Ok(Reply::json(
+        StatusCode::CREATED,
+        key_json(&key, true, false),
+    ))
+}
+
+fn stage_key(m: &Model, api: &str, stage: &str) -> Result<String, ModelError> {
+    let exists = m
+        .rest_apis
+        .iter()
+        .find(|a| a.id == api)
+        .is_some_and(|a| a.stages.iter().any(|s| s.stage_name == stage));
+    if !exists {
+        return Err(ModelError::bad_request(format!(
+            "Invalid stage key specified: {api}/{stage}"
+        )));
+    }
+    Ok(format!("{api}/{stage}"))
+}
+
+/// GET /apikeys/{id}
+pub fn get(ctx: &Ctx, req: &Req, id: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let k = m.api_key(id)?;
+    Ok(Reply::ok(key_json(k, req.flag("includeValue"), false)))
+}
+
+/// GET /apikeys
+pub fn list(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let name = req.param("name");
+    let customer = req.param("customerId");
+    let keys: Vec<&ApiKey> = m
+        .api_keys
+        .iter()
+        .filter(|k| name.is_none_or(|n| k.name.as_deref().unwrap_or("").starts_with(n)))
+        .filter(|k| customer.is_none_or(|c| k.customer_id.as_deref() == Some(c)))
+        .collect();
+    let include = req.flag("includeValues");
+    let page = wire::page(req, keys)?;
+    Ok(Reply::ok(page.to_json(|k| key_json(k, include, false))))
+}
+
+/// PATCH /apikeys/{id}
+pub fn update(ctx: &Ctx, req: &Req, id: &str) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 4] = ["/description", "/enabled", "/name", "/customerId"];
+    let ops = req.patch()?;
+    let now = ctx.control.now_secs();
+    let id = id.to_string();
+    let key = ctx.control.update(move |m| {
+        let key = m
+            .api_keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(ModelError::unknown_api_key)?;
+        for op in &ops {
+            if op.op != "replace" || !PATHS.contains(&op.path.as_str()) {
+                return Err(op.invalid(&PATHS));
+            }
+            match op.path.as_str() {
+                "/description" => key.description = op.value.clone(),
+                "/enabled" => key.enabled = op.boolean()?,
+                "/name" => key.name = op.value.clone().filter(|n| !n.is_empty()),
+                _ => key.customer_id = op.value.clone(),
+            }
+        }
+        key.last_updated_date = Some(now);
+        crate::plan::validate_api_key(key)?;
+        Ok(key.clone())
+    })?;
+    Ok(Reply::ok(key_json(&key, false, true)))
+}
+
+/// DELETE /apikeys/{id}
+pub fn delete(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    let id = id.to_string();
+    ctx.control
+        .update(move |m| m.delete_api_key(&id).map(drop))?;
+    Ok(Reply::accepted())
+}
+
+/// POST /apikeys?mode=import&format=csv[&failonwarnings=true]
+///
+/// Columns `Name` and `Key` are required, `Description`, `Enabled` (default true) and
+/// `UsagePlanIds` (comma separated) optional; header names are case-insensitive and unknown
+/// columns ignored. A row whose `Key` value exists updates that key. A bad row is skipped with a
+/// warning; with `failonwarnings=true` any warning fails the whole import and nothing changes.
+pub fn import(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
+    match req.param("format") {
+        Some(f) if f.eq_ignore_ascii_case("csv") => {}
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid format specified: {}; only csv is supported",
+                other.unwrap_or("")
+            )));
+        }
+    }
+    let rows = parse_csv(&req.body)?;
+    let fail_on_warnings = req.flag("failonwarnings");
+    let now = ctx.control.now_secs();
+    let (ids, warnings) = ctx.control.update(move |m| {
+        let mut ids = Vec::new();
+        let mut warnings = Vec::new();
+        for row in rows {
+            match import_row(m, &row, now) {
+                Ok(id) => ids.push(id),
+                Err(e) => warnings.push(format!("Line {}: {}", row.line, e.message)),
+            }
+        }
+        if fail_on_warnings && !warnings.is_empty() {
+            return Err(ModelError::bad_request(format!(
+                "Import failed with warnings: {}",
+                warnings.join("; ")
+            )));
+        }
+        Ok((ids, warnings))
+    })?;
+    let mut out = serde_json::Map::new();
+    out.insert("ids".into(), json!(ids));
+    if !warnings.is_empty() {
+        out.insert("warnings".into(), json!(warnings));
+    }
+    Ok(Reply::json(StatusCode::CREATED, Value::Object(out)))
+}
+
+struct Row {
+    line: u64,
+    name: String,
+    key: String,
+    description: Option<String>,
+    enabled: bool,
+    plans: Vec<String>,
+}
+
+fn parse_csv(body: &[u8]) -> Result<Vec<Row>, ApiError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(body);
+    let headers = reader
+        .headers()
+        .map_err(|e| ApiError::bad_request(format!("Invalid API key CSV: {e}")))?
+        .clone();
+    let column: HashMap<String, usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.to_ascii_lowercase(), i))
+        .collect();
+    let (Some(&name_col), Some(&key_col)) = (column.get("name"), column.get("key")) else {
+        return Err(ApiError::bad_request(
+            "Invalid API key CSV: the header must name the columns Name and Key",
+        ));
+    };
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record =
+            record.map_err(|e| ApiError::bad_request(format!("Invalid API key CSV: {e}")))?;
+        if rows.len() >= MAX_IMPORT_ROWS {
+            return Err(ApiError::bad_request(format!(
+                "Invalid API key CSV: more than {MAX_IMPORT_ROWS} rows"
+            )));
+        }
+        let field = |col: Option<&usize>| col.and_then(|&i| record.get(i)).unwrap_or("");
+        let enabled = field(column.get("enabled"));
+        rows.push(Row {
+            line: record.position().map_or(0, |p| p.line()),
+            name: field(Some(&name_col)).to_string(),
+            key: field(Some(&key_col)).to_string(),
+            description: Some(field(column.get("description")))
+                .filter(|d| !d.is_empty())
+                .map(str::to_string),
+            enabled: enabled.is_empty() || enabled.eq_ignore_ascii_case("true"),
+            plans: field(column.get("usageplanids"))
+                .trim_matches(|c| c == '"' || c == '\'')
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+        });
+    }
+    Ok(rows)
+}
+
+/// Creates or updates the key of one row and adds it to the row's plans; all or nothing.
+fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> {
+    crate::plan::validate_api_key_value(&row.key)?;
+    crate::plan::validate_api_key_name(Some(&row.name))?;
+    crate::plan::validate_api_key_description(row.description.as_deref())?;
+    for plan in &row.plans {
+        m.usage_plan(plan)?;
+    }
+    // Creation and memberships append; an update replaces one key. Undo exactly that on error.
+    let (keys_len, members_len) = (m.api_keys.len(), m.usage_plan_keys.len());
+    let mut previous = None;
+    let id = match m.api_keys.iter_mut().find(|k| k.value == row.key) {
+        Some(k) => {
+            previous = Some(k.clone());
+            k.name = Some(row.name.clone()).filter(|n| !n.is_empty());
+            k.description = row.description.clone();
+            k.enabled = row.enabled;
+            k.last_updated_date = Some(now);
+            k.id.clone()
+        }
+        None => {
+            let id = new_id(10, |id| m.api_keys.iter().any(|k| k.id == id));
+            m.create_api_key(ApiKey {
+                id: id.clone(),
+                value: row.key.clone(),
+                name: Some(row.name.clone()).filter(|n| !n.is_empty()),
+                description: row.description.clone(),
+                enabled: row.enabled,
+                created_date: Some(now),
+                last_updated_date: Some(now),
+                ..ApiKey::default()
+            })?;
+            id
+        }
+    };
+    for plan in &row.plans {
+        let member = UsagePlanKey {
+            usage_plan_id: plan.clone(),
+            key_id: id.clone(),
+        };
+        if m.usage_plan_keys.contains(&member) {
+            continue;
+        }
+        if let Err(e) = m.create_usage_plan_key(plan, &id) {
+            m.usage_plan_keys.truncate(members_len);
+            m.api_keys.truncate(keys_len);
+            if let Some(old) = previous
+                && let Some(k) = m.api_keys.iter_mut().find(|k| k.id == old.id)
+            {
+                *k = old;
+            }
+            return Err(e);
+        }
+    }
+    Ok(id)
+}
