@@ -77,16 +77,17 @@ pub enum ModelSource {
 /// Why `gateway serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot bind the {which} listener on {addr}: {source}")]
+    // The io error is part of the message, not a `source`, so it is printed once.
+    #[error("cannot bind the {which} listener on {addr}: {reason}")]
     Bind {
         which: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}: {reason}")]
     StateDir {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("cannot start the demo upstream: {0}")]
     Demo(std::io::Error),
@@ -108,26 +109,28 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+    std::fs::create_dir_all(&config.state_dir).map_err(|reason| ServeError::StateDir {
         path: config.state_dir.clone(),
-        source,
+        reason,
     })?;
+    // The state first: a second gateway on the same directory is refused with that reason,
+    // whatever its ports.
+    let db = StateDb::open(&config.state_dir)?;
     let data = bind("data", config.listen).await?;
     let admin_listener = bind("admin", config.admin_listen).await?;
-    let data_addr = data.local_addr().map_err(|source| ServeError::Bind {
+    let data_addr = data.local_addr().map_err(|reason| ServeError::Bind {
         which: "data",
         addr: config.listen,
-        source,
+        reason,
     })?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|source| ServeError::Bind {
+        .map_err(|reason| ServeError::Bind {
             which: "admin",
             addr: config.admin_listen,
-            source,
+            reason,
         })?;
 
-    let db = StateDb::open(&config.state_dir)?;
     let stored = db.load_model()?;
     let model = match load_model(&config).await? {
         Some(model) => {
@@ -273,8 +276,14 @@ async fn flush_usage(engine: Arc<Engine>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if let Err(error) = engine.flush() {
-            tracing::warn!(%error, "usage flush failed; counts are kept for the next one");
+        // A flush waits for the disk: keep it off the async workers.
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "usage flush failed; counts are kept for the next one")
+            }
+            Err(error) => tracing::error!(%error, "usage flush task failed"),
         }
     }
 }
@@ -282,10 +291,10 @@ async fn flush_usage(engine: Arc<Engine>) {
 async fn bind(which: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|reason| ServeError::Bind {
             which,
             addr,
-            source,
+            reason,
         })
 }
 

@@ -99,12 +99,12 @@ const DAYS: TableDefinition<(&str, &str, u32), (u64, Option<u64>)> = TableDefini
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The state directory does not exist and could not be created.
-    #[error("cannot create state directory {}: {source}", .path.display())]
+    #[error("cannot create state directory {}: {reason}", .path.display())]
     CreateDir {
         /// The directory.
         path: PathBuf,
         /// What the file system said.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// Another gateway (or another `StateDb` of this process) holds the database open.
     #[error(
@@ -127,14 +127,14 @@ pub enum StateError {
         found: String,
     },
     /// redb failed: I/O error, a file that is not a redb database, a corrupt page, …
-    #[error("state database {}: {context}: {source}", .path.display())]
+    #[error("state database {}: {context}: {reason}", .path.display())]
     Database {
         /// The database file.
         path: PathBuf,
         /// What the gateway was doing.
         context: &'static str,
         /// The redb error.
-        source: Box<redb::Error>,
+        reason: Box<redb::Error>,
     },
     /// A stored row cannot be read back into the model.
     #[error("state database {} is corrupt: table {table}, row {id}: {message}", .path.display())]
@@ -199,9 +199,9 @@ impl StateDb {
     /// Opens `<dir>/gateway.redb`, creating the directory and an empty database if missing.
     /// Fails with [`StateError::InUse`] while another `StateDb` (in any process) has it open.
     pub fn open(dir: &Path) -> Result<StateDb, StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+        std::fs::create_dir_all(dir).map_err(|reason| StateError::CreateDir {
             path: dir.to_path_buf(),
-            source,
+            reason,
         })?;
         let path = dir.join(FILE_NAME);
         let db = match Database::create(&path) {
@@ -213,7 +213,7 @@ impl StateDb {
                 return Err(StateError::Database {
                     path,
                     context: "open",
-                    source: Box::new(e.into()),
+                    reason: Box::new(e.into()),
                 });
             }
         };
@@ -458,7 +458,7 @@ impl StateDb {
         move |e| StateError::Database {
             path,
             context,
-            source: Box::new(e.into()),
+            reason: Box::new(e.into()),
         }
     }
 

@@ -482,3 +482,247 @@ pub fn metric(exposition: &str, name: &str) -> Option<u64> {
             .map(|v| v as u64)
     })
 }
+
+/// The workspace root (the directory holding `tests/`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Whether the Python tools (boto3, pytest, the aws CLI) must be present (set by
+/// `cargo xtask test`): then a missing venv is a failure, not a skip.
+pub fn tools_required() -> bool {
+    std::env::var_os("GATEWAY_REQUIRE_TOOLS").is_some_and(|v| v == "1")
+}
+
+/// The Python interpreter of the test venv (`$GATEWAY_TEST_PYTHON`, else
+/// `target/py/bin/python`, which `cargo xtask setup` creates), checked to import boto3
+/// and pytest. `Ok(None)` means skip; with `GATEWAY_REQUIRE_TOOLS=1` it is an error.
+pub fn test_python(test: &str) -> Result<Option<PathBuf>> {
+    let python = std::env::var_os("GATEWAY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/py/bin/python"));
+    let usable = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import boto3, pytest"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if usable {
+        return Ok(Some(python));
+    }
+    let reason = format!(
+        "{} cannot import boto3 and pytest; run `cargo xtask setup` (or set GATEWAY_TEST_PYTHON)",
+        python.display()
+    );
+    if tools_required() {
+        bail!("{test}: {reason} (GATEWAY_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("{test}: skipped ({reason})");
+    Ok(None)
+}
+
+/// Runs `command` in its own process group with stdout and stderr captured together,
+/// killing the group if it runs longer than `timeout`. Returns its exit status and
+/// output; a timeout is an error carrying the output so far.
+pub fn run_bounded(
+    command: &mut Command,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String)> {
+    use std::os::unix::process::CommandExt;
+    let log = TempDir::new("output")?;
+    let path = log.path.join("output.log");
+    let file = std::fs::File::create(&path)?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let group = libc::pid_t::try_from(child.id()).context("pid fits pid_t")?;
+            // SAFETY: signalling the process group our own child leads.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            let _ = child.wait();
+            bail!(
+                "{:?} did not finish within {timeout:?} and was killed; its output:\n{}",
+                command.get_program(),
+                std::fs::read_to_string(&path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok((status, std::fs::read_to_string(&path).unwrap_or_default()))
+}
+
+impl Gateway {
+    /// Sends SIGKILL (no shutdown, no final flush) and reaps the process.
+    pub fn kill(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid fits pid_t")?;
+        // SAFETY: signalling our own, not yet reaped, child by its pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Ok(self.child.wait()?)
+    }
+}
+
+/// Calls the admin API at `addr` with curl: `method path` (path and query), with `body` as
+/// JSON when given. Returns the HTTP status and the JSON answer (`Null` when empty).
+pub fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value)> {
+    let url = format!("http://{addr}{path}");
+    let text = body.map(serde_json::Value::to_string);
+    let mut args = vec!["-X", method, "-H", "content-type: application/json"];
+    if let Some(text) = &text {
+        args.extend(["--data-binary", text.as_str()]);
+    }
+    args.push(&url);
+    let (status, answer) = curl(None, &args)?;
+    let json = if answer.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&answer)
+            .with_context(|| format!("{method} {path} answered {status} with non-JSON {answer}"))?
+    };
+    Ok((status, json))
+}
+
+/// [`admin`] that requires a 2xx answer and returns its JSON.
+pub fn admin_ok(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let (status, json) = admin(addr, method, path, body)?;
+    if !(200..300).contains(&status) {
+        bail!("{method} {path} answered {status}: {json}");
+    }
+    Ok(json)
+}
+
+/// The UTC calendar date `yyyy-MM-dd` of `unix_secs` (proleptic Gregorian).
+pub fn utc_date(unix_secs: u64) -> String {
+    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
+    let z = i64::try_from(unix_secs / 86_400).unwrap_or(i64::MAX) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Today's UTC date, `yyyy-MM-dd` (the day usage is counted under).
+pub fn utc_today() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_date(now)
+}
+
+/// One HTTP/1.1 keep-alive connection for sending many small requests quickly; it
+/// reconnects when the server closed the previous connection.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    conn: Option<BufReader<std::net::TcpStream>>,
+}
+
+impl KeepAlive {
+    /// A client of `addr`; the connection is opened by the first request.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, conn: None }
+    }
+
+    /// `GET path` with an optional `x-api-key`; returns status and body. An I/O error
+    /// drops the connection (the next call reconnects) and is returned.
+    pub fn get(&mut self, path: &str, key: Option<&str>) -> Result<(u16, String)> {
+        let result = self.exchange(path, key);
+        if !matches!(result, Ok((_, _, true))) {
+            self.conn = None;
+        }
+        result.map(|(status, body, _)| (status, body))
+    }
+
+    fn exchange(&mut self, path: &str, key: Option<&str>) -> Result<(u16, String, bool)> {
+        use std::io::{Read, Write};
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let stream = std::net::TcpStream::connect(self.addr)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.set_nodelay(true)?;
+                self.conn.insert(BufReader::new(stream))
+            }
+        };
+        let key = key
+            .map(|k| format!("x-api-key: {k}\r\n"))
+            .unwrap_or_default();
+        write!(
+            conn.get_mut(),
+            "GET {path} HTTP/1.1\r\nhost: gateway\r\n{key}\r\n"
+        )?;
+        let mut line = String::new();
+        if conn.read_line(&mut line)? == 0 {
+            bail!("connection closed before the response");
+        }
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .context("status line has a code")?
+            .parse()?;
+        let (mut length, mut chunked, mut keep) = (0usize, false, true);
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                bail!("connection closed inside the response head");
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse()?;
+            } else if let Some(v) = lower.strip_prefix("transfer-encoding:") {
+                chunked = v.contains("chunked");
+            } else if let Some(v) = lower.strip_prefix("connection:") {
+                keep = !v.contains("close");
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                conn.read_line(&mut line)?;
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                    .context("chunk size")?;
+                let mut chunk = vec![0; size + 2];
+                conn.read_exact(&mut chunk)?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else {
+            body.resize(length, 0);
+            conn.read_exact(&mut body)?;
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
+    }
+}

@@ -21,6 +21,12 @@ const LLVM_PACKAGE: &str = "llvm-22-dev";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests use: `ip` for namespaces and veth pairs, curl as the client.
 const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
+/// The venv (relative to the workspace) with the admin API tests' Python tools:
+/// boto3, the aws CLI v1 and pytest, pinned in `PY_REQUIREMENTS`.
+const PY_VENV: &str = "target/py";
+const PY_REQUIREMENTS: &str = "tests/py/requirements.txt";
+/// Copy of the requirements the venv was last installed from, to notice a change.
+const PY_INSTALLED: &str = "requirements.installed";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks")]
@@ -31,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing tools: nightly rust-src, LLVM 22, bpf-linker, test packages.
+    /// Install missing tools: nightly rust-src, LLVM 22, bpf-linker, test packages,
+    /// and the Python test tools in target/py.
     Setup,
     /// Build the XDP object and the gateway binary with it embedded.
     Build {
@@ -39,7 +46,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build (release) and run `gateway serve` with the given flags.
+    /// Setup, build (release) and run `gateway serve` with the given flags (`--demo` when
+    /// none are given).
     Run {
         /// Flags for `gateway serve`, after `--`.
         #[arg(last = true)]
@@ -58,6 +66,12 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup()?;
             let binary = build(&root, true)?;
+            // With no flags, show the demo; with flags, the user says what to serve.
+            let args = if args.is_empty() {
+                vec![OsString::from("--demo")]
+            } else {
+                args
+            };
             step(&format!("running {} serve", binary.display()));
             let error = Command::new(&binary).arg("serve").args(args).exec();
             Err(error).with_context(|| format!("cannot run {}", binary.display()))
@@ -141,8 +155,63 @@ fn setup() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
         .context("installing bpf-linker failed")?;
     }
+    setup_python(&workspace_root())?;
     step("setup complete");
     Ok(())
+}
+
+/// Creates the venv `PY_VENV` and installs `PY_REQUIREMENTS` into it, unless its tools
+/// already work and were installed from the same requirements.
+fn setup_python(root: &Path) -> Result<()> {
+    let venv = root.join(PY_VENV);
+    let requirements = std::fs::read_to_string(root.join(PY_REQUIREMENTS))
+        .with_context(|| format!("cannot read {PY_REQUIREMENTS}"))?;
+    let installed = std::fs::read_to_string(venv.join(PY_INSTALLED)).unwrap_or_default();
+    if installed == requirements && python_tools_work(&venv) {
+        step(&format!("Python test tools ({PY_VENV}): present"));
+        return Ok(());
+    }
+    if which("python3").is_none() {
+        bail!(
+            "python3 is not installed; the admin API tests need it (with venv and pip): \
+             install it (`apt-get install -y python3 python3-venv`), then rerun"
+        );
+    }
+    if !venv.join("bin/python").is_file() {
+        step(&format!("creating the Python venv {PY_VENV}"));
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "`python3 -m venv` failed; on Debian or Ubuntu install python3-venv, then rerun",
+        )?;
+    }
+    step(&format!(
+        "installing boto3, awscli and pytest into {PY_VENV} (from {PY_REQUIREMENTS})"
+    ));
+    run(Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--requirement")
+        .arg(root.join(PY_REQUIREMENTS)))
+    .context("installing the Python test tools failed (is PyPI reachable?)")?;
+    if !python_tools_work(&venv) {
+        bail!("{PY_VENV} still cannot import boto3 and pytest or run aws after the install");
+    }
+    std::fs::write(venv.join(PY_INSTALLED), requirements)
+        .with_context(|| format!("cannot write {PY_VENV}/{PY_INSTALLED}"))?;
+    step(&format!("Python test tools ({PY_VENV}): installed"));
+    Ok(())
+}
+
+/// Whether the venv's Python imports boto3 and pytest and its `aws` runs.
+fn python_tools_work(venv: &Path) -> bool {
+    let python = venv.join("bin/python");
+    let aws = venv.join("bin/aws");
+    output(&python.to_string_lossy(), &["-c", "import boto3, pytest"]).is_ok()
+        && output(&aws.to_string_lossy(), &["--version"]).is_ok()
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
@@ -265,10 +334,12 @@ fn test(root: &Path) -> Result<()> {
     // The end-to-end tests run this binary; build it with the XDP object embedded.
     build(root, false)?;
     step("unit, integration and privileged end-to-end tests");
-    // The privileged tests must run here, not skip: a missing capability is a failure.
+    // The privileged and the Python-driven tests must run here, not skip: a missing
+    // capability or tool is a failure.
     run(cargo(root, &object)
         .args(["test", "--no-fail-fast"])
-        .env("GATEWAY_REQUIRE_PRIVILEGED", "1"))
+        .env("GATEWAY_REQUIRE_PRIVILEGED", "1")
+        .env("GATEWAY_REQUIRE_TOOLS", "1"))
     .context("tests failed")?;
     step("all checks passed");
     Ok(())
