@@ -2,10 +2,12 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod fastpath;
 pub mod limit;
 pub mod metrics;
 pub mod plan;

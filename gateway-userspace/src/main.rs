@@ -1,8 +1,16 @@
 //! The `gateway` binary: parse flags, set up logging, run the chosen command.
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::Parser;
-use gateway::cli::{Cli, Command, LogFormat};
+use gateway::{
+    cli::{Cli, ClientArgs, Command, LogFormat},
+    client::{
+        self,
+        commands::{AdminCommand, Output},
+    },
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
 
-    match cli.command {
+    let (client, command) = match cli.command {
         Command::Serve(args) => {
             let config = args.into_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -24,9 +32,62 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(gateway::serve::run(config, shutdown_signal()))?;
+            return Ok(());
         }
+        Command::Api(args) => (args.client, AdminCommand::Api(args.action)),
+        Command::Plan(args) => (args.client, AdminCommand::Plan(args.action)),
+        Command::Key(args) => (args.client, AdminCommand::Key(args.action)),
+        Command::Usage(args) => {
+            let command = match args.action {
+                Some(gateway::cli::UsageAction::Extend(extend)) => {
+                    AdminCommand::UsageExtend(extend)
+                }
+                None => {
+                    let today = time::OffsetDateTime::now_utc().date();
+                    match args.show(today) {
+                        Ok(show) => AdminCommand::Usage(show),
+                        Err(e) => fail(&e.to_string(), 2),
+                    }
+                }
+            };
+            (args.client, command)
+        }
+    };
+    run_admin(&client, command)
+}
+
+/// Runs an admin command and prints its output; a failure is one line on stderr and exit
+/// status 1.
+fn run_admin(args: &ClientArgs, command: AdminCommand) -> anyhow::Result<()> {
+    match client::execute(args.config(), command) {
+        Ok(Output { json, text }) => {
+            let text = if args.json {
+                let pretty = serde_json::to_string_pretty(&json).expect("JSON values serialise");
+                format!("{pretty}\n")
+            } else {
+                text
+            };
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                // A reader that stopped early (`| head`) is not a failure of the command.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    fail(&format!("cannot write the output: {e}"), 1)
+                }
+                _ => Ok(()),
+            }
+        }
+        Err(e) => fail(&e.to_string(), 1),
     }
-    Ok(())
+}
+
+/// Prints `error: MESSAGE` as one line on stderr and exits with `status`.
+fn fail(message: &str, status: i32) -> ! {
+    let line = message.replace(['\n', '\r'], " ");
+    eprintln!("error: {line}");
+    std::process::exit(status)
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).

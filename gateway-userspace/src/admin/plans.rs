@@ -137,15 +137,41 @@ pub fn update(ctx: &Ctx, req: &Req, id: &str) -> Result<Reply, ApiError> {
     let ops = req.patch()?;
     let id = id.to_string();
     let plan = ctx.control.update(move |m| {
-        m.usage_plan(&id)?;
+        let before = m.usage_plan(&id)?.clone();
         for op in &ops {
             apply_plan_op(m, &id, op)?;
         }
         let plan = m.usage_plan(&id)?.clone();
+        check_new_limits(&before, &plan, &ops)?;
         m.validate_usage_plan(&plan)?;
         Ok(plan)
     })?;
     Ok(Reply::ok(plan_json(&plan, true)))
+}
+
+/// A quota or throttle that a patch creates must be complete: a new quota needs its limit and
+/// period, a new throttle its rate (the burst then defaults as documented in `plan`), rather
+/// than silently becoming a zero quota or a throttle without a rate.
+fn check_new_limits(
+    before: &UsagePlan,
+    after: &UsagePlan,
+    ops: &[PatchOp],
+) -> Result<(), ModelError> {
+    let set = |path: &str| ops.iter().any(|o| o.op != "remove" && o.path == path);
+    if before.quota.is_none()
+        && after.quota.is_some()
+        && !(set("/quota/limit") && set("/quota/period"))
+    {
+        return Err(ModelError::bad_request(
+            "Invalid quota specified: a plan without a quota needs /quota/limit and /quota/period in the same request",
+        ));
+    }
+    if before.throttle.is_none() && after.throttle.is_some_and(|t| t.rate_limit.is_none()) {
+        return Err(ModelError::bad_request(
+            "Invalid throttle specified: a plan without a throttle needs /throttle/rateLimit in the same request",
+        ));
+    }
+    Ok(())
 }
 
 const REMOVE_PATHS: [&str; 6] = [
