@@ -137,6 +137,41 @@ pub struct ServeArgs {
     /// XDP attach mode: auto, native (driver) or skb (generic).
     #[arg(long, default_value = "auto", requires = "xdp_iface")]
     pub xdp_mode: XdpMode,
+    /// Kernel bucket of a key = its plan throttle (rate and burst) times this; 1.0 makes the
+    /// kernel enforce the plan exactly, higher leaves every exact answer to the proxy.
+    #[arg(long, default_value_t = 2.0, requires = "xdp_iface")]
+    pub xdp_headroom: f64,
+    /// Refused requests of a key over its quota, within --xdp-shed-window-secs, after which the
+    /// kernel drops that key's request starts until the quota resets (at most --xdp-shed-ttl-secs).
+    #[arg(long, default_value_t = 100, requires = "xdp_iface")]
+    pub xdp_shed_after: u32,
+    /// Window of --xdp-shed-after, in seconds.
+    #[arg(long, default_value_t = 10, requires = "xdp_iface")]
+    pub xdp_shed_window_secs: u64,
+    /// Longest a key is shed before the gateway looks again, in seconds.
+    #[arg(long, default_value_t = 300, requires = "xdp_iface")]
+    pub xdp_shed_ttl_secs: u64,
+    /// Failed key checks (missing or unknown key) from one source address, within
+    /// --xdp-scan-window-secs, after which the kernel blocks the source.
+    #[arg(long, default_value_t = 100, requires = "xdp_iface")]
+    pub xdp_scan_after: u32,
+    /// Window of --xdp-scan-after, in seconds.
+    #[arg(long, default_value_t = 60, requires = "xdp_iface")]
+    pub xdp_scan_window_secs: u64,
+    /// How long a blocked source stays blocked, in seconds.
+    #[arg(long, default_value_t = 300, requires = "xdp_iface")]
+    pub xdp_scan_ttl_secs: u64,
+    /// New TCP connections (SYNs) per second one source address may open; 0 turns the
+    /// SYN guard off.
+    #[arg(long, default_value_t = 200.0, requires = "xdp_iface")]
+    pub xdp_syn_rate: f64,
+    /// Burst of SYNs per source above --xdp-syn-rate.
+    #[arg(long, default_value_t = 400, requires = "xdp_iface")]
+    pub xdp_syn_burst: u64,
+    /// API keys the kernel can limit at once (key slots); keys beyond are limited by the
+    /// proxy only.
+    #[arg(long, default_value_t = gateway_common::sizes::KEY_SLOTS, requires = "xdp_iface")]
+    pub xdp_key_slots: u32,
     /// Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_secs: u64,
@@ -156,6 +191,28 @@ pub struct ServeArgs {
     /// Most data-plane connections open at once.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Shared store of a fleet of gateways: redis://[:PASSWORD@]HOST:PORT[/DB], rediss://…
+    /// (TLS) or redis+cluster://HOST:PORT[,HOST:PORT…]. Configuration and usage then live
+    /// there and every node applies a change made on any node. Default: the embedded store.
+    #[arg(long, help_heading = "Fleet")]
+    pub store: Option<String>,
+    /// What keyed requests get while the --store is unreachable: local (enforce from the last
+    /// configuration and local counters), open (quotas waived) or closed (503).
+    #[arg(
+        long,
+        default_value = "local",
+        requires = "store",
+        help_heading = "Fleet"
+    )]
+    pub store_failure: crate::fleet::FailureMode,
+    /// Longest wait for one call to the --store, in milliseconds (connect, send, answer).
+    #[arg(
+        long,
+        default_value_t = 500,
+        requires = "store",
+        help_heading = "Fleet"
+    )]
+    pub store_timeout_ms: u64,
 }
 
 /// A flag value that parsed but makes no sense.
@@ -241,6 +298,61 @@ impl ServeArgs {
                 reason: "must be at least 1".into(),
             });
         }
+        if !(10..=60_000).contains(&self.store_timeout_ms) {
+            return Err(FlagError {
+                flag: "store-timeout-ms",
+                reason: "must be between 10 and 60000".into(),
+            });
+        }
+        if !(self.xdp_headroom.is_finite() && self.xdp_headroom >= 1.0) {
+            return Err(FlagError {
+                flag: "xdp-headroom",
+                reason: "must be a number of at least 1.0 (the kernel must not refuse what the plan admits)".into(),
+            });
+        }
+        if !(self.xdp_syn_rate.is_finite() && self.xdp_syn_rate >= 0.0) || self.xdp_syn_burst == 0 {
+            return Err(FlagError {
+                flag: "xdp-syn-rate",
+                reason: "the SYN rate must be 0 (off) or positive, with --xdp-syn-burst at least 1"
+                    .into(),
+            });
+        }
+        if self.xdp_key_slots == 0
+            || self.xdp_shed_window_secs == 0
+            || self.xdp_scan_window_secs == 0
+        {
+            return Err(FlagError {
+                flag: "xdp-key-slots",
+                reason: "--xdp-key-slots and the --xdp-*-window-secs flags must be at least 1"
+                    .into(),
+            });
+        }
+        let xdp = crate::serve::XdpConfig {
+            options: crate::xdp::XdpOptions {
+                key_slots: self.xdp_key_slots,
+                // Every open connection may be bound; leave room so live bindings are not evicted.
+                flows: u32::try_from(self.max_connections.saturating_mul(2))
+                    .unwrap_or(u32::MAX)
+                    .max(gateway_common::sizes::FLOWS),
+                ..crate::xdp::XdpOptions::default()
+            },
+            fast_path: crate::fastpath::FastPathConfig {
+                headroom: self.xdp_headroom,
+                shed_after: self.xdp_shed_after,
+                shed_window: Duration::from_secs(self.xdp_shed_window_secs),
+                shed_ttl: Duration::from_secs(self.xdp_shed_ttl_secs),
+                scan_after: self.xdp_scan_after,
+                scan_window: Duration::from_secs(self.xdp_scan_window_secs),
+                scan_ttl: Duration::from_secs(self.xdp_scan_ttl_secs),
+            },
+            syn_guard: (self.xdp_syn_rate > 0.0)
+                .then(|| crate::limit::params(self.xdp_syn_rate, self.xdp_syn_burst)),
+        };
+        let store = self.store.map(|url| crate::fleet::FleetOptions {
+            timeout: Duration::from_millis(self.store_timeout_ms),
+            failure: self.store_failure,
+            ..crate::fleet::FleetOptions::new(url)
+        });
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -249,6 +361,7 @@ impl ServeArgs {
             model,
             xdp_iface: self.xdp_iface,
             xdp_mode: self.xdp_mode,
+            xdp,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             integration_timeout: Duration::from_millis(self.integration_timeout_ms),
             limits: Limits {
@@ -259,6 +372,7 @@ impl ServeArgs {
             },
             rate_limit_headers: !self.no_rate_limit_headers,
             forward_api_key: self.forward_api_key,
+            store,
         })
     }
 }

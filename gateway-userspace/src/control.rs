@@ -19,13 +19,22 @@ use crate::{
 
 /// Where configuration changes are made durable.
 pub trait ConfigStore: Send + Sync {
-    /// Persists `new`, given the previously persisted `old`; returns once it is durable.
-    fn save(&self, old: &Model, new: &Model) -> Result<(), StateError>;
+    /// Persists `new`, given the previously persisted `old`; returns once it is durable. A
+    /// shared store refuses with a `ConflictException` when another node saved in between.
+    fn save(&self, old: &Model, new: &Model) -> Result<(), ControlError>;
+
+    /// The stored configuration when another writer changed it since this process last loaded
+    /// or saved it (a shared store); `None` when it did not (always, for a private store). A
+    /// shared store that lost its data gets `current` written back.
+    fn changed(&self, current: &Model) -> Result<Option<Model>, ControlError> {
+        let _ = current;
+        Ok(None)
+    }
 }
 
 impl ConfigStore for StateDb {
-    fn save(&self, old: &Model, new: &Model) -> Result<(), StateError> {
-        self.save_model(Some(old), new)
+    fn save(&self, old: &Model, new: &Model) -> Result<(), ControlError> {
+        Ok(self.save_model(Some(old), new)?)
     }
 }
 
@@ -94,6 +103,11 @@ impl Control {
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(store) = &self.store
+            && let Some(latest) = store.changed(&self.engine.snapshot())?
+        {
+            self.engine.apply(latest)?;
+        }
         let old = self.engine.snapshot();
         let mut new = Model::clone(&old);
         let out = change(&mut new)?;
@@ -106,5 +120,24 @@ impl Control {
         }
         self.engine.apply(new)?;
         Ok(out)
+    }
+
+    /// Applies the stored configuration when another writer changed it (fleet mode); returns
+    /// whether it did. Serialised with [`Control::update`].
+    pub fn refresh(&self) -> Result<bool, ControlError> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match store.changed(&self.engine.snapshot())? {
+            Some(latest) => {
+                self.engine.apply(latest)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }

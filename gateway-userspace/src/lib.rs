@@ -8,6 +8,7 @@ pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod fastpath;
+pub mod fleet;
 pub mod limit;
 pub mod metrics;
 pub mod plan;

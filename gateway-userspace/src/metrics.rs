@@ -18,7 +18,7 @@ use prometheus_client::{
         counter::ConstCounter,
         counter::Counter,
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -39,7 +39,8 @@ pub struct RequestLabels {
     pub status: u16,
     /// What the gateway decided: `allowed`, `forbidden`, `throttled_plan_method`,
     /// `throttled_plan`, `throttled_stage_method`, `throttled_account`, `quota_exceeded`,
-    /// `no_route`, `too_large`, `header_too_large`, `upstream_error`, `upstream_timeout`.
+    /// `no_route`, `too_large`, `header_too_large`, `upstream_error`, `upstream_timeout`,
+    /// `store_unavailable`.
     pub outcome: &'static str,
 }
 
@@ -103,6 +104,11 @@ impl Metrics {
         }
     }
 
+    /// Adds a collector to the exposition (e.g. the fleet store's health).
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
+    }
+
     /// Counts one data-plane response and records its latency.
     pub fn request(&self, labels: RequestLabels, elapsed: Duration) {
         self.latency
@@ -120,6 +126,11 @@ impl Metrics {
             slot.store(*value, Ordering::Relaxed);
         }
         self.xdp.attached.store(true, Ordering::Relaxed);
+    }
+
+    /// Sets the number of flows bound to keys in the kernel.
+    pub fn set_xdp_bound_flows(&self, flows: u64) {
+        self.xdp.bound_flows.store(flows, Ordering::Relaxed);
     }
 
     /// The XDP counters as last copied from the kernel.
@@ -140,6 +151,7 @@ impl Metrics {
 struct XdpCounters {
     attached: AtomicBool,
     values: [AtomicU64; stats::COUNT as usize],
+    bound_flows: AtomicU64,
 }
 
 impl Collector for XdpCounters {
@@ -158,6 +170,14 @@ impl Collector for XdpCounters {
             )?;
             counter.encode(metric)?;
         }
+        let gauge = ConstGauge::new(self.bound_flows.load(Ordering::Relaxed) as i64);
+        let metric = encoder.encode_descriptor(
+            "xdp_bound_flows",
+            "Data-plane connections bound to an API key in the kernel",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
         Ok(())
     }
 }

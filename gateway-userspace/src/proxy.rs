@@ -24,6 +24,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     engine::{Decision, Engine, Limits as EngineLimits, Route},
+    fastpath::{Connection, FastPath},
     limit::Layer,
     metrics::{Metrics, RequestLabels},
 };
@@ -76,6 +77,10 @@ pub struct Proxy {
     engine: Arc<Engine>,
     client: Client<HttpConnector, Limited<Incoming>>,
     metrics: Arc<Metrics>,
+    /// Health of the fleet's shared store (`--store`); `None` with the embedded store.
+    store_health: Option<Arc<crate::fleet::Health>>,
+    /// The kernel fast path (`--xdp-iface`): flow binding and shedding.
+    fast_path: Option<Arc<FastPath>>,
 }
 
 impl Proxy {
@@ -92,7 +97,22 @@ impl Proxy {
             engine,
             client,
             metrics,
+            store_health: None,
+            fast_path: None,
         }
+    }
+
+    /// Reports every keyed decision and connection close to the kernel fast path.
+    pub fn with_fast_path(mut self, fast_path: Option<Arc<FastPath>>) -> Self {
+        self.fast_path = fast_path;
+        self
+    }
+
+    /// Follows the shared store's failure mode: `closed` answers keyed methods 503 and `open`
+    /// waives quota refusals while the store is unreachable.
+    pub fn with_store_health(mut self, health: Option<Arc<crate::fleet::Health>>) -> Self {
+        self.store_health = health;
+        self
     }
 
     /// Serves connections from `listener` until `shutdown` resolves, then lets in-flight
@@ -139,10 +159,16 @@ impl Proxy {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let conn_id = stream
+                .local_addr()
+                .ok()
+                .map(|local| Arc::new(Connection::new(local, peer)));
             let proxy = self.clone();
+            let closing = (self.fast_path.clone(), conn_id.clone());
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                let conn_id = conn_id.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, peer, conn_id.as_deref()).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn.into_owned());
@@ -153,6 +179,9 @@ impl Proxy {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
                 metrics.open_connections.dec();
+                if let (Some(fast_path), Some(conn_id)) = &closing {
+                    fast_path.closed(conn_id);
+                }
                 drop(permit);
             });
         }
@@ -165,11 +194,16 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        conn: Option<&Connection>,
+    ) -> Response<ProxyBody> {
         let request_id = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let method = req.method().clone();
-        let (labels, mut response) = self.process(req, peer).await;
+        let (labels, mut response) = self.process(req, peer, conn).await;
         let status = response.status().as_u16();
         self.metrics.request(
             RequestLabels {
@@ -205,6 +239,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        conn: Option<&Connection>,
     ) -> (Seen, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         let mut labels = Seen::default();
@@ -236,7 +271,33 @@ impl Proxy {
         labels.resource = format!("{}/{}", route.resource_path, route.declared_method);
 
         let api_key = parts.headers.get(API_KEY).and_then(|v| v.to_str().ok());
-        let decision = self.engine.decide(&route, api_key);
+        let store = self.store_health.as_deref();
+        if route.api_key_required && store.is_some_and(|h| h.refuse_keyed()) {
+            return labels.rejected(
+                "store_unavailable",
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableException",
+                    "Service Unavailable",
+                ),
+            );
+        }
+        let decision = match self.engine.decide(&route, api_key) {
+            Decision::QuotaExceeded {
+                key,
+                plan_id,
+                limits,
+                ..
+            } if store.is_some_and(|h| h.waive_quota()) => Decision::Allow {
+                key: Some(key),
+                plan_id: Some(plan_id),
+                limits,
+            },
+            decision => decision,
+        };
+        if let (Some(fast_path), Some(conn)) = (&self.fast_path, conn) {
+            fast_path.observed(conn, &decision);
+        }
         labels.key_id = decision.key().map(|k| k.id.as_str().to_owned());
         let limits = decision.limits().copied();
         let mut response = match decision {

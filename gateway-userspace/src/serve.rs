@@ -21,6 +21,7 @@ use crate::{
     control::Control,
     demo,
     engine::Engine,
+    fastpath::{FastPath, FastPathConfig},
     metrics::Metrics,
     plan::{Method, Model, RestApi, Stage},
     proxy::{Limits, Proxy, ProxyConfig},
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub xdp_iface: Option<String>,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
+    /// Kernel map sizes and fast-path policy (used with `xdp_iface`).
+    pub xdp: XdpConfig,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Longest wait for an upstream response head (`--upstream` mode).
@@ -55,6 +58,19 @@ pub struct ServeConfig {
     pub rate_limit_headers: bool,
     /// Forward `x-api-key` upstream.
     pub forward_api_key: bool,
+    /// The shared store of a fleet; `None` keeps everything in the embedded store.
+    pub store: Option<crate::fleet::FleetOptions>,
+}
+
+/// The XDP fast path's sizes and policy.
+#[derive(Clone, Debug, Default)]
+pub struct XdpConfig {
+    /// Kernel map sizes.
+    pub options: crate::xdp::XdpOptions,
+    /// Flow binding, headroom, shedding and source blocking.
+    pub fast_path: FastPathConfig,
+    /// Per-source SYN rate limit; `None` turns the guard off.
+    pub syn_guard: Option<gateway_common::gcra::GcraParams>,
 }
 
 /// Where the gateway's configuration (APIs, stages, plans, keys) comes from.
@@ -99,6 +115,10 @@ pub enum ServeError {
     Model(#[from] crate::plan::ModelError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Requests per second, burst and daily quota of the demo's plan.
@@ -115,7 +135,7 @@ pub async fn run(
     })?;
     // The state first: a second gateway on the same directory is refused with that reason,
     // whatever its ports.
-    let db = StateDb::open(&config.state_dir)?;
+    let db = Backend::open(&config)?;
     let data = bind("data", config.listen).await?;
     let admin_listener = bind("admin", config.admin_listen).await?;
     let data_addr = data.local_addr().map_err(|reason| ServeError::Bind {
@@ -141,43 +161,62 @@ pub async fn run(
         None => stored.unwrap_or_default(),
     };
     tracing::info!(
-        state = %db.path().display(),
+        state = %db.describe(),
         rest_apis = model.rest_apis.len(),
         api_keys = model.api_keys.len(),
         usage_plans = model.usage_plans.len(),
         "configuration loaded"
     );
-    let engine = Arc::new(Engine::new(
-        model,
-        Arc::new(db.clone()),
-        Arc::new(SystemClock),
-    )?);
-    let control = Arc::new(Control::new(engine.clone(), Some(Arc::new(db.clone()))));
+    let engine = Arc::new(Engine::new(model, db.usage(), Arc::new(SystemClock))?);
+    let control = Arc::new(Control::new(engine.clone(), Some(db.config())));
+    // Other nodes' changes reach this one until the watcher is dropped at the end of `run`.
+    let _watcher = db.watch(&control);
+    let store_health = db.health();
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(health) = &store_health {
+        metrics.register_collector(Box::new(crate::fleet::HealthMetrics(health.clone())));
+    }
+    let metrics = Arc::new(metrics);
     let xdp = match &config.xdp_iface {
-        Some(iface) => Some(Arc::new(Mutex::new(XdpProgram::attach(
-            iface,
-            config.xdp_mode,
-            &[data_addr.port()],
-        )?))),
+        Some(iface) => {
+            let program = XdpProgram::attach_with(
+                iface,
+                config.xdp_mode,
+                &[data_addr.port()],
+                config.xdp.options,
+            )?;
+            program.maps().set_syn_guard(config.xdp.syn_guard)?;
+            Some(Arc::new(Mutex::new(program)))
+        }
         None => None,
     };
+    let fast_path = xdp.as_ref().map(|xdp| {
+        let program = xdp.lock().expect("the XDP lock is never poisoned");
+        Arc::new(FastPath::new(
+            program.kernel_maps(),
+            config.xdp.fast_path.clone(),
+        ))
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let proxy = Arc::new(Proxy::new(
-        ProxyConfig {
-            limits: config.limits.clone(),
-            rate_limit_headers: config.rate_limit_headers,
-            forward_api_key: config.forward_api_key,
-        },
-        engine.clone(),
-        metrics.clone(),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            ProxyConfig {
+                limits: config.limits.clone(),
+                rate_limit_headers: config.rate_limit_headers,
+                forward_api_key: config.forward_api_key,
+            },
+            engine.clone(),
+            metrics.clone(),
+        )
+        .with_store_health(store_health)
+        .with_fast_path(fast_path.clone()),
+    );
     let flusher = tokio::spawn(flush_usage(engine.clone()));
     let data_task = tokio::spawn(proxy.serve(data, stopped(stop_rx.clone()), config.drain_timeout));
     let admin_task = tokio::spawn(admin::serve(
@@ -192,6 +231,14 @@ pub async fn run(
     let poller = xdp
         .clone()
         .map(|xdp| tokio::spawn(poll_xdp(xdp, metrics.clone())));
+    let syncer = fast_path.clone().map(|fast_path| {
+        tokio::spawn(sync_fast_path(
+            fast_path,
+            engine.clone(),
+            config.xdp.options.key_slots,
+            metrics.clone(),
+        ))
+    });
 
     announce(data_addr, admin_addr);
     tracing::info!(%data_addr, %admin_addr, "gateway started");
@@ -207,6 +254,9 @@ pub async fn run(
     }
     if let Some(poller) = poller {
         poller.abort();
+    }
+    if let Some(syncer) = syncer {
+        syncer.abort();
     }
     if let Some(xdp) = xdp {
         let mut program = xdp.lock().expect("the XDP lock is never poisoned");
@@ -305,6 +355,55 @@ fn announce(data: SocketAddr, admin: SocketAddr) {
     let _ = out.flush();
 }
 
+/// Keeps the kernel's key buckets in line with the configuration: at once after a change
+/// (checked every 250 ms), and every 5 s anyway so shed marks expire. Keys whose slot is
+/// beyond the kernel's `key_slots` are limited by the proxy only.
+async fn sync_fast_path(
+    fast_path: Arc<FastPath>,
+    engine: Arc<Engine>,
+    key_slots: u32,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut synced_generation = 0;
+    let mut last_sync = tokio::time::Instant::now();
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        metrics.set_xdp_bound_flows(fast_path.bound_flows());
+        let generation = engine.generation();
+        if generation == synced_generation && last_sync.elapsed() < Duration::from_secs(5) {
+            continue;
+        }
+        let (fast_path, engine) = (fast_path.clone(), engine.clone());
+        let synced = tokio::task::spawn_blocking(move || {
+            let mut slots = engine.key_slots();
+            let before = slots.len();
+            slots.retain(|s| s.slot < key_slots);
+            (fast_path.sync(&slots), before - slots.len())
+        })
+        .await;
+        match synced {
+            Ok((written, beyond)) => {
+                if written > 0 {
+                    tracing::debug!(written, generation, "kernel key buckets synced");
+                }
+                if beyond > 0 && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        beyond,
+                        key_slots,
+                        "more API keys than kernel key slots: those keys are limited by the proxy only (raise --xdp-key-slots)"
+                    );
+                }
+            }
+            Err(error) => tracing::error!(%error, "kernel key sync failed"),
+        }
+        synced_generation = generation;
+        last_sync = tokio::time::Instant::now();
+    }
+}
+
 /// Copies the kernel counters into the metrics every second, and logs them when they
 /// changed in the last ten seconds.
 async fn poll_xdp(xdp: Arc<Mutex<XdpProgram>>, metrics: Arc<Metrics>) {
@@ -332,17 +431,78 @@ async fn poll_xdp(xdp: Arc<Mutex<XdpProgram>>, metrics: Arc<Metrics>) {
 }
 
 fn log_counters(counters: &[u64; gateway_common::stats::COUNT as usize]) {
-    let [
-        data_port_packets,
-        other_passed,
-        parse_failures,
-        fragments_passed,
-    ] = *counters;
-    tracing::info!(
-        data_port_packets,
-        other_passed,
-        parse_failures,
-        fragments_passed,
-        "XDP counters"
-    );
+    let summary = gateway_common::stats::NAMES
+        .iter()
+        .zip(counters)
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(counters = %summary, "XDP counters");
+}
+
+/// Where configuration and usage live: the embedded database, or the fleet's shared store.
+enum Backend {
+    Embedded(StateDb),
+    Fleet(Arc<crate::fleet::FleetStore>),
+}
+
+impl Backend {
+    /// The embedded database in the state directory (refused while another gateway holds it),
+    /// or, with `--store`, the shared store (the state directory then stays empty).
+    fn open(config: &ServeConfig) -> Result<Backend, ServeError> {
+        Ok(match &config.store {
+            None => Backend::Embedded(StateDb::open(&config.state_dir)?),
+            Some(options) => Backend::Fleet(crate::fleet::FleetStore::open(options.clone())?),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Backend::Embedded(db) => db.path().display().to_string(),
+            Backend::Fleet(f) => f.name().to_string(),
+        }
+    }
+
+    fn load_model(&self) -> Result<Option<Model>, ServeError> {
+        Ok(match self {
+            Backend::Embedded(db) => db.load_model()?,
+            Backend::Fleet(f) => f.load_model()?,
+        })
+    }
+
+    fn save_model(&self, old: Option<&Model>, new: &Model) -> Result<(), ServeError> {
+        match self {
+            Backend::Embedded(db) => db.save_model(old, new)?,
+            Backend::Fleet(f) => f.save_model(old, new)?,
+        }
+        Ok(())
+    }
+
+    fn usage(&self) -> Arc<dyn crate::store::UsageStore> {
+        match self {
+            Backend::Embedded(db) => Arc::new(db.clone()),
+            Backend::Fleet(f) => f.clone(),
+        }
+    }
+
+    fn config(&self) -> Arc<dyn crate::control::ConfigStore> {
+        match self {
+            Backend::Embedded(db) => Arc::new(db.clone()),
+            Backend::Fleet(f) => f.clone(),
+        }
+    }
+
+    fn watch(&self, control: &Arc<Control>) -> Option<crate::fleet::Watcher> {
+        match self {
+            Backend::Embedded(_) => None,
+            Backend::Fleet(f) => Some(f.watch(control.clone())),
+        }
+    }
+
+    fn health(&self) -> Option<Arc<crate::fleet::Health>> {
+        match self {
+            Backend::Embedded(_) => None,
+            Backend::Fleet(f) => Some(f.health().clone()),
+        }
+    }
 }

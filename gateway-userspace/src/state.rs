@@ -161,6 +161,14 @@ pub enum StateError {
         /// The repeated id.
         id: String,
     },
+    /// A shared (fleet) store failed or could not be reached; nothing was changed.
+    #[error("configuration store {store}: {reason}")]
+    Remote {
+        /// The store, without credentials.
+        store: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The model could not be encoded as JSON.
     #[error("cannot encode the configuration for {}: {message}", .path.display())]
     Encode {
@@ -870,6 +878,12 @@ const COLLECTION_FIELDS: [&str; 4] = ["restApis", "apiKeys", "usagePlans", "usag
 /// `[]`: every other top-level field, present or future, lands in the `meta` row, and the
 /// collections are never encoded (a million keys cost nothing here).
 struct ModelMeta<'a>(&'a Model);
+
+/// JSON of `model` with its four keyed collections empty (the `meta` row; also what the fleet
+/// store keeps beside its rows).
+pub(crate) fn meta_json(model: &Model) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&ModelMeta(model))
+}
 
 impl Serialize for ModelMeta<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

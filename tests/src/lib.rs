@@ -726,3 +726,98 @@ impl KeepAlive {
         Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
     }
 }
+
+/// A throwaway `redis-server` on a free loopback port, persistence off, killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts one; `Ok(None)` (skip, with a note) when `redis-server` is not installed, an
+    /// error instead with `GATEWAY_REQUIRE_TOOLS=1`.
+    pub fn start(test: &str) -> Result<Option<Self>> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            let reason = "redis-server is not installed; run `cargo xtask setup`";
+            if tools_required() {
+                bail!("{test}: {reason} (GATEWAY_REQUIRE_TOOLS=1)");
+            }
+            eprintln!("{test}: skipped ({reason})");
+            return Ok(None);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut server = Self { child: None, port };
+        server.restart()?;
+        Ok(Some(server))
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again on the same port (empty: nothing is persisted).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("redis-server on port {port} did not answer PING")
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// Sends `signal` to the server (SIGSTOP makes it hang, SIGCONT resumes it).
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let child = self.child.as_ref().context("redis-server is not running")?;
+        let pid = libc::pid_t::try_from(child.id()).context("pid fits pid_t")?;
+        // SAFETY: signalling our own, not yet reaped, child by its pid.
+        unsafe { libc::kill(pid, signal) };
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

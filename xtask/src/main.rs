@@ -20,7 +20,12 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Debian packages the tests use: `ip` for namespaces and veth pairs, curl as the client.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    // Fleet tests start their own throwaway server on a free loopback port.
+    ("redis-server", "redis-server"),
+];
 /// The venv (relative to the workspace) with the admin API tests' Python tools:
 /// boto3, the aws CLI v1 and pytest, pinned in `PY_REQUIREMENTS`.
 const PY_VENV: &str = "target/py";

@@ -1,0 +1,1796 @@
+//! Fleet mode: several gateways share one Redis (or Redis Cluster) for their configuration and
+//! their quota counters, so a key's quota holds across every gateway behind a load balancer.
+//!
+//! [`FleetStore`] implements [`UsageStore`] (the contract of [`crate::store`], with
+//! [`crate::store::MemoryStore`] as the oracle of the tests) and [`ConfigStore`]. [`Watcher`]
+//! keeps every node's engine on the latest configuration.
+//!
+//! # Layout in Redis
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `gateway:{cfg}:version` | string | configuration version, +1 per save (0 = never saved) |
+//! | `gateway:{cfg}:meta` | string | JSON of the model with its four collections empty |
+//! | `gateway:{cfg}:<collection>` | hash | id → JSON of the entry (`usage_plan_keys`: `plan␟key`) |
+//! | `gateway:{cfg}:<collection>:seq` | hash | id → order of the entry in the model |
+//! | `gateway:{cfg}:changes` | channel | the new version, published by every save |
+//! | `gateway:u:{plan␟key}:p` | hash | period counter: `s` start day, `u` used, `a` allowance |
+//! | `gateway:u:{plan␟key}:d` | hash | day records: `u<day>` used, `a<day>` allowance set that day |
+//! | `gateway:u:plans` | set | plan ids with usage |
+//! | `gateway:u:{plan}:keys` | set | key ids with usage in the plan |
+//!
+//! The `{…}` parts are Redis Cluster hash tags: the configuration lives in one slot (a save is
+//! one atomic script), and each (plan, key) has its counters in one slot (an increment is one
+//! atomic script), so keys spread over the cluster. `␟` is U+001F.
+//!
+//! Lifetimes: a period counter expires 32 days after its period's first day (the longest
+//! period, a month, plus a day) plus one day of grace — or one day after its last write when
+//! that is later; day records expire [`HISTORY_DAYS`] days after their key's last write, so
+//! GetUsage answers for at least the last year of an active key.
+//!
+//! # Configuration
+//!
+//! A save is one Lua script: it checks that the stored version is the one this node last loaded
+//! or saved, writes only the rows that changed, bumps the version and publishes it. A node that
+//! saw an older version gets a 409 `ConflictException` and the admin client retries (by then
+//! [`ConfigStore::changed`] has brought the node up to date: every change first catches up).
+//! Reads are consistent without a transaction: one pipeline reads the version, every row, and
+//! the version again, and is retried when the two differ (saves are atomic, so an unchanged
+//! version means no save ran in between). Order of entries: rows added at the end get
+//! increasing sequence numbers; any other reordering rewrites the collection.
+//!
+//! # Usage
+//!
+//! [`UsageStore::add`] first merges the batch into an outbox keyed by (plan, key, day, period)
+//! and then sends the whole outbox, one script call per entry, pipelined (one round trip on a
+//! single Redis). When Redis cannot be reached the outbox is kept and `add` still succeeds:
+//! the engine has already counted the requests locally, and the outbox is replayed when Redis
+//! answers again. The outbox holds at most [`FleetOptions::max_pending`] distinct entries
+//! (about 100 bytes each); increments of new entries beyond that are dropped and counted in
+//! `gateway_store_dropped_requests_total`. A pipeline cut mid-way may be sent again, so an
+//! outage can over-count a key (never under-count).
+//!
+//! Every Redis call is bounded by [`FleetOptions::timeout`] (connect, read and write), so no
+//! flush, admin call or start-up waits longer on a dead or hung Redis.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Script, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::control::{ConfigStore, Control, ControlError};
+use crate::plan::{ApiKey, Model, ModelError, RestApi, UsagePlan, UsagePlanKey};
+use crate::state::StateError;
+use crate::store::{DayRecord, PeriodCounter, StoreError, UsageDelta, UsageStore};
+
+/// Days a key's day records are kept after its last write.
+pub const HISTORY_DAYS: u64 = 400;
+
+const DAY_SECS: u64 = 86_400;
+/// A period counter outlives its first day by this many days (the longest period plus one).
+const PERIOD_LIFE_DAYS: u64 = 32;
+/// Separator inside composite ids (U+001F, never part of an id the admin API issues).
+const SEP: char = '\u{1f}';
+
+const VERSION: &str = "gateway:{cfg}:version";
+const META: &str = "gateway:{cfg}:meta";
+const CHANNEL: &str = "gateway:{cfg}:changes";
+const PLANS: &str = "gateway:u:plans";
+
+/// What a node does about keyed requests while the shared store is unreachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Keep enforcing every limit from the last configuration and the local counters; the
+    /// counts are reconciled when the store answers again. A key may then use up to its
+    /// remaining quota on every node.
+    #[default]
+    Local,
+    /// As `local`, but quota refusals are waived while the store is down (throttles still
+    /// apply); requests admitted that way are not counted.
+    Open,
+    /// Answer keyed requests `503 {"message":"Service Unavailable"}` while the store is down.
+    Closed,
+}
+
+impl FromStr for FailureMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(FailureMode::Local),
+            "open" => Ok(FailureMode::Open),
+            "closed" => Ok(FailureMode::Closed),
+            other => Err(format!("`{other}`: expected local, open or closed")),
+        }
+    }
+}
+
+impl std::fmt::Display for FailureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureMode::Local => "local",
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        })
+    }
+}
+
+/// How to reach the shared store and how to behave when it is gone.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`, `rediss://…` (TLS), or
+    /// `redis+cluster://HOST:PORT[,HOST:PORT…]` / `rediss+cluster://…` for Redis Cluster.
+    pub url: String,
+    /// Longest wait for one Redis call: connect, send and answer.
+    pub timeout: Duration,
+    /// Behaviour while Redis is unreachable.
+    pub failure: FailureMode,
+    /// Most distinct (plan, key, day) increments held while Redis is unreachable.
+    pub max_pending: usize,
+}
+
+impl FleetOptions {
+    /// Options with the defaults: 500 ms timeout, `local`, 100,000 pending entries.
+    pub fn new(url: impl Into<String>) -> FleetOptions {
+        FleetOptions {
+            url: url.into(),
+            timeout: Duration::from_millis(500),
+            failure: FailureMode::Local,
+            max_pending: 100_000,
+        }
+    }
+}
+
+/// Why the fleet store could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The URL is not one the store understands.
+    #[error("--store `{url}`: {reason}")]
+    Url {
+        /// The URL, password removed.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Redis did not answer at start-up.
+    #[error("cannot reach the store {store}: {reason}")]
+    Unreachable {
+        /// The store, password removed.
+        store: String,
+        /// What the client said.
+        reason: String,
+    },
+    /// The stored configuration cannot be read.
+    #[error("the configuration in the store {store} cannot be read: {reason}")]
+    Corrupt {
+        /// The store, password removed.
+        store: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the shared store answers, shared with the data plane and the metrics.
+#[derive(Debug)]
+pub struct Health {
+    mode: FailureMode,
+    up: AtomicBool,
+    failures: AtomicU64,
+    pending: AtomicU64,
+    dropped: AtomicU64,
+    version: AtomicU64,
+    reloads: AtomicU64,
+}
+
+impl Health {
+    /// A store in `mode`, assumed reachable.
+    pub fn new(mode: FailureMode) -> Health {
+        Health {
+            mode,
+            up: AtomicBool::new(true),
+            failures: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            version: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+        }
+    }
+
+    /// The configured failure mode.
+    pub fn mode(&self) -> FailureMode {
+        self.mode
+    }
+
+    /// Whether the last Redis call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether a keyed request must be answered 503 now (`closed` and the store is down).
+    pub fn refuse_keyed(&self) -> bool {
+        self.mode == FailureMode::Closed && !self.is_up()
+    }
+
+    /// Whether a quota refusal must be waived now (`open` and the store is down).
+    pub fn waive_quota(&self) -> bool {
+        self.mode == FailureMode::Open && !self.is_up()
+    }
+
+    /// Configuration version this node serves.
+    pub fn config_version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Distinct increments waiting for the store.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self, store: &str) {
+        if !self.up.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                store,
+                "store reachable again; reconciling counts and configuration"
+            );
+        }
+    }
+
+    fn failed(&self, store: &str, error: &RedisError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                store,
+                %error,
+                mode = %self.mode,
+                "store unreachable; serving the last configuration and local counters"
+            );
+        }
+    }
+}
+
+/// The store's metrics for the Prometheus exposition (`gateway_store_*`, `gateway_config_*`).
+#[derive(Debug, Clone)]
+pub struct HealthMetrics(pub Arc<Health>);
+
+impl Collector for HealthMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        let gauges: [(&str, &str, i64); 3] = [
+            (
+                "store_up",
+                "1 while the shared store answers",
+                i64::from(h.is_up()),
+            ),
+            (
+                "store_pending_deltas",
+                "Distinct usage increments waiting for the shared store",
+                i64::try_from(h.pending()).unwrap_or(i64::MAX),
+            ),
+            (
+                "config_version",
+                "Configuration version this node serves",
+                i64::try_from(h.config_version()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let counters = [
+            (
+                "store_failures",
+                "Calls to the shared store that failed",
+                h.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "store_dropped_requests",
+                "Admitted requests not counted because the outbox was full",
+                h.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "config_reloads",
+                "Configurations loaded after another node changed them",
+                h.reloads.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------------------------
+
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+enum Conn {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl Conn {
+    fn like(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
+        }
+    }
+
+    fn pipelined(&self) -> bool {
+        matches!(self, Conn::Single(_))
+    }
+}
+
+/// Parsed `--store` URL: the clients and the name to log (no password).
+struct Endpoint {
+    target: Target,
+    /// First node as a plain client, for the pub/sub listener.
+    first: redis::Client,
+    shown: String,
+}
+
+fn parse_url(url: &str, timeout: Duration) -> Result<Endpoint, FleetError> {
+    let bad = |reason: String| FleetError::Url {
+        url: redact(url),
+        reason,
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("expected redis://HOST:PORT[/DB]".into()))?;
+    let (plain, cluster) = match scheme {
+        "redis" => ("redis", false),
+        "rediss" => ("rediss", false),
+        "redis+cluster" => ("redis", true),
+        "rediss+cluster" => ("rediss", true),
+        other => {
+            return Err(bad(format!(
+                "scheme `{other}` is not supported; use redis, rediss, redis+cluster or rediss+cluster"
+            )));
+        }
+    };
+    if plain == "rediss" {
+        // rustls needs a process-wide crypto provider; a second install is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let (auth, hosts_path) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, rest),
+    };
+    let (hosts, path) = match hosts_path.split_once('/') {
+        Some((h, p)) => (h, Some(p)),
+        None => (hosts_path, None),
+    };
+    if hosts.is_empty() {
+        return Err(bad("needs a host".into()));
+    }
+    let node_url = |host: &str| {
+        let mut u = format!("{plain}://");
+        if let Some(a) = auth {
+            u.push_str(a);
+            u.push('@');
+        }
+        u.push_str(host);
+        if let Some(p) = path.filter(|p| !p.is_empty()) {
+            u.push('/');
+            u.push_str(p);
+        }
+        u
+    };
+    let nodes: Vec<String> = hosts.split(',').map(node_url).collect();
+    if !cluster && nodes.len() > 1 {
+        return Err(bad(
+            "several hosts need redis+cluster:// (Redis Cluster)".into()
+        ));
+    }
+    let first = redis::Client::open(nodes[0].as_str()).map_err(|e| bad(e.to_string()))?;
+    let target = if cluster {
+        let c = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Target::Cluster(c)
+    } else {
+        Target::Single(first.clone())
+    };
+    Ok(Endpoint {
+        target,
+        first,
+        shown: redact(url),
+    })
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, hosts))) => format!("{scheme}://***@{hosts}"),
+        _ => url.to_string(),
+    }
+}
+
+fn single_connection(client: &redis::Client, timeout: Duration) -> RedisResult<redis::Connection> {
+    let c = client.get_connection_with_timeout(timeout)?;
+    c.set_read_timeout(Some(timeout))?;
+    c.set_write_timeout(Some(timeout))?;
+    Ok(c)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data are caches and queues that stay consistent between statements.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One lazily (re)connected connection, used by one kind of caller so that a slow flush never
+/// queues an admin call behind it.
+struct Link {
+    endpoint: Arc<Endpoint>,
+    timeout: Duration,
+    health: Arc<Health>,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl Link {
+    fn new(endpoint: Arc<Endpoint>, timeout: Duration, health: Arc<Health>) -> Link {
+        Link {
+            endpoint,
+            timeout,
+            health,
+            conn: Mutex::new(None),
+        }
+    }
+
+    fn connect(&self) -> RedisResult<Conn> {
+        Ok(match &self.endpoint.target {
+            Target::Single(c) => Conn::Single(single_connection(c, self.timeout)?),
+            Target::Cluster(c) => Conn::Cluster(Box::new(c.get_connection()?)),
+        })
+    }
+
+    /// Runs `f` on the connection, connecting first when needed. Any error drops the connection
+    /// (after a timeout its replies are out of step); I/O errors mark the store down.
+    fn run<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
+        let mut slot = lock(&self.conn);
+        let result = match &mut *slot {
+            Some(conn) => f(conn),
+            None => match self.connect() {
+                Ok(conn) => f(slot.insert(conn)),
+                Err(e) => Err(e),
+            },
+        };
+        match &result {
+            Ok(_) => self.health.succeeded(&self.endpoint.shown),
+            Err(e) => {
+                *slot = None;
+                if is_outage(e) {
+                    self.health.failed(&self.endpoint.shown, e);
+                }
+            }
+        }
+        result
+    }
+}
+
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+/// One script call or plain command of a batch.
+enum Call<'a> {
+    Script {
+        script: &'a Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    },
+    Plain(Cmd),
+}
+
+impl Call<'_> {
+    fn run_alone(&self, con: &mut dyn ConnectionLike) -> RedisResult<Value> {
+        match self {
+            Call::Script { script, keys, args } => {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(k);
+                }
+                for a in args {
+                    inv.arg(a);
+                }
+                inv.invoke(con)
+            }
+            Call::Plain(cmd) => cmd.query(con),
+        }
+    }
+}
+
+/// Runs `calls` in one pipeline on a single Redis (scripts by digest, re-sent in full where the
+/// server lost its script cache), one by one on a cluster. Server errors fail the batch.
+fn run_calls(conn: &mut Conn, calls: &[Call<'_>]) -> RedisResult<Vec<Value>> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !conn.pipelined() {
+        return calls.iter().map(|c| c.run_alone(conn.like())).collect();
+    }
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls {
+        match call {
+            Call::Script { script, keys, args } => {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
+            }
+            Call::Plain(cmd) => {
+                pipe.add_command(cmd.clone());
+            }
+        }
+    }
+    let mut out: Vec<Value> = pipe.query(conn.like())?;
+    for (value, call) in out.iter_mut().zip(calls) {
+        if let Value::ServerError(e) = value {
+            if e.code() == "NOSCRIPT" {
+                *value = call.run_alone(conn.like())?;
+            } else {
+                return Err(e.clone().into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn as_map(v: &Value) -> Vec<(String, String)> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Map(m) => m.iter().map(|(a, b)| (a, b)).collect(),
+        Value::Array(a) => a
+            .chunks(2)
+            .filter_map(|c| Some((c.first()?, c.get(1)?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| Some((as_string(k)?, as_string(v)?)))
+        .collect()
+}
+
+fn as_list(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a.iter().filter_map(as_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripts
+// ---------------------------------------------------------------------------------------------
+
+/// KEYS: period hash, days hash. ARGV: day, period start, count, period expiry (Unix s), day
+/// records' TTL (s). Returns the period total after the increment (the count alone for a delta
+/// of an older period), as the reference store does.
+const ADD_LUA: &str = r"
+local ps = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'u' .. ARGV[1], n)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if start == ps then
+  local t = redis.call('HINCRBY', KEYS[1], 'u', n)
+  redis.call('EXPIREAT', KEYS[1], ARGV[4])
+  return t
+elseif start < ps then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 's', ARGV[2], 'u', ARGV[3])
+  redis.call('EXPIREAT', KEYS[1], ARGV[4])
+end
+return n
+";
+
+/// KEYS: period hash, days hash. ARGV: period start, allowance, day, period expiry, days TTL.
+const ALLOWANCE_LUA: &str = r"
+local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+if start ~= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 's', ARGV[1], 'u', '0')
+end
+redis.call('HSET', KEYS[1], 'a', ARGV[2])
+redis.call('EXPIREAT', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[2], 'a' .. ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1
+";
+
+/// KEYS: version, meta, then rows and seq hash of each of the four collections. ARGV: expected
+/// version, meta JSON (empty: unchanged), then per collection: clear flag, delete count, ids,
+/// put count, (id, JSON, seq or empty) triples; last the channel. Returns {1, new version} or
+/// {0, stored version} on a conflict.
+const SAVE_LUA: &str = r"
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v ~= tonumber(ARGV[1]) then return {0, v} end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
+local i = 3
+for c = 0, 3 do
+  local rows, seqs = KEYS[3 + 2 * c], KEYS[4 + 2 * c]
+  if ARGV[i] == '1' then redis.call('DEL', rows, seqs) end
+  i = i + 1
+  local nd = tonumber(ARGV[i]); i = i + 1
+  for _ = 1, nd do
+    redis.call('HDEL', rows, ARGV[i]); redis.call('HDEL', seqs, ARGV[i]); i = i + 1
+  end
+  local np = tonumber(ARGV[i]); i = i + 1
+  for _ = 1, np do
+    redis.call('HSET', rows, ARGV[i], ARGV[i + 1])
+    if ARGV[i + 2] ~= '' then redis.call('HSET', seqs, ARGV[i], ARGV[i + 2]) end
+    i = i + 3
+  end
+end
+local nv = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[i], nv)
+return {1, nv}
+";
+
+struct Scripts {
+    add: Script,
+    allowance: Script,
+    save: Script,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------------------------------
+
+fn pair_tag(plan: &str, key: &str) -> String {
+    format!("{plan}{SEP}{key}")
+}
+
+fn period_key(plan: &str, key: &str) -> String {
+    format!("gateway:u:{{{}}}:p", pair_tag(plan, key))
+}
+
+fn days_key(plan: &str, key: &str) -> String {
+    format!("gateway:u:{{{}}}:d", pair_tag(plan, key))
+}
+
+fn plan_keys_key(plan: &str) -> String {
+    format!("gateway:u:{{{plan}}}:keys")
+}
+
+fn period_expiry(period_start: u32) -> u64 {
+    let end = (u64::from(period_start) + PERIOD_LIFE_DAYS) * DAY_SECS;
+    end.max(now_secs()) + DAY_SECS
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------------------------
+
+type OutboxKey = (String, String, u32, u32);
+
+/// The Redis-backed usage and configuration store of a fleet. Cheap to share with `Arc`.
+pub struct FleetStore {
+    endpoint: Arc<Endpoint>,
+    options: FleetOptions,
+    health: Arc<Health>,
+    usage: Link,
+    config: Link,
+    scripts: Scripts,
+    /// Increments not yet acknowledged by Redis, coalesced.
+    outbox: Mutex<HashMap<OutboxKey, u64>>,
+    /// (plan, key) pairs this process has put in the usage index.
+    indexed: Mutex<HashSet<(String, String)>>,
+    /// Configuration version of the model the engine runs (0: nothing stored).
+    known: Mutex<u64>,
+}
+
+impl std::fmt::Debug for FleetStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetStore")
+            .field("store", &self.endpoint.shown)
+            .field("up", &self.health.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetStore {
+    /// Connects to the store named by `options.url` and checks that it answers.
+    pub fn open(options: FleetOptions) -> Result<Arc<FleetStore>, FleetError> {
+        let endpoint = Arc::new(parse_url(&options.url, options.timeout)?);
+        let health = Arc::new(Health::new(options.failure));
+        let store = FleetStore {
+            usage: Link::new(endpoint.clone(), options.timeout, health.clone()),
+            config: Link::new(endpoint.clone(), options.timeout, health.clone()),
+            endpoint,
+            options,
+            health,
+            scripts: Scripts {
+                add: Script::new(ADD_LUA),
+                allowance: Script::new(ALLOWANCE_LUA),
+                save: Script::new(SAVE_LUA),
+            },
+            outbox: Mutex::new(HashMap::new()),
+            indexed: Mutex::new(HashSet::new()),
+            known: Mutex::new(0),
+        };
+        store
+            .config
+            .run(|c| redis::cmd("PING").query::<String>(c.like()))
+            .map_err(|e| FleetError::Unreachable {
+                store: store.endpoint.shown.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Arc::new(store))
+    }
+
+    /// The store's health, for the data plane and the metrics.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The store's name for logs (no password).
+    pub fn name(&self) -> &str {
+        &self.endpoint.shown
+    }
+
+    fn remote(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::Remote {
+            store: self.endpoint.shown.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The stored configuration and its version (`None`: never saved). The version becomes the
+    /// one this node's next save expects.
+    pub fn load_model(&self) -> Result<Option<Model>, FleetError> {
+        let (version, model) = self.read_config().map_err(|e| match e {
+            ReadError::Redis(e) => FleetError::Unreachable {
+                store: self.endpoint.shown.clone(),
+                reason: e.to_string(),
+            },
+            ReadError::Corrupt(reason) => FleetError::Corrupt {
+                store: self.endpoint.shown.clone(),
+                reason,
+            },
+        })?;
+        self.set_known(version);
+        Ok(model)
+    }
+
+    fn set_known(&self, version: u64) {
+        *lock(&self.known) = version;
+        self.health.version.store(version, Ordering::Relaxed);
+    }
+
+    fn stored_version(&self) -> RedisResult<u64> {
+        let v: Option<u64> = self
+            .config
+            .run(|c| redis::cmd("GET").arg(VERSION).query(c.like()))?;
+        Ok(v.unwrap_or(0))
+    }
+
+    fn read_config(&self) -> Result<(u64, Option<Model>), ReadError> {
+        for _ in 0..10 {
+            let values = self
+                .config
+                .run(|c| {
+                    let mut calls = vec![
+                        Call::Plain(redis::cmd("GET").arg(VERSION).clone()),
+                        Call::Plain(redis::cmd("GET").arg(META).clone()),
+                    ];
+                    for name in COLLECTIONS {
+                        calls.push(Call::Plain(
+                            redis::cmd("HGETALL").arg(rows_key(name)).clone(),
+                        ));
+                        calls.push(Call::Plain(
+                            redis::cmd("HGETALL").arg(seqs_key(name)).clone(),
+                        ));
+                    }
+                    calls.push(Call::Plain(redis::cmd("GET").arg(VERSION).clone()));
+                    run_calls(c, &calls)
+                })
+                .map_err(ReadError::Redis)?;
+            let before = values.first().and_then(as_u64).unwrap_or(0);
+            let after = values.last().and_then(as_u64).unwrap_or(0);
+            if before != after {
+                continue;
+            }
+            let Some(meta) = values.get(1).and_then(as_string) else {
+                return Ok((before, None));
+            };
+            let mut model: Model = serde_json::from_str(&meta)
+                .map_err(|e| ReadError::Corrupt(format!("{META}: {e}")))?;
+            let part = |i: usize| {
+                (
+                    values.get(2 + 2 * i).map(as_map).unwrap_or_default(),
+                    values.get(3 + 2 * i).map(as_map).unwrap_or_default(),
+                )
+            };
+            model.rest_apis = decode_rows(COLLECTIONS[0], part(0))?;
+            model.api_keys = decode_rows(COLLECTIONS[1], part(1))?;
+            model.usage_plans = decode_rows(COLLECTIONS[2], part(2))?;
+            model.usage_plan_keys = decode_rows(COLLECTIONS[3], part(3))?;
+            return Ok((before, Some(model)));
+        }
+        Err(ReadError::Corrupt(
+            "the configuration kept changing while it was read; try again".into(),
+        ))
+    }
+
+    /// Persists `new` (diffed against `old`, everything when `old` is `None`) if the stored
+    /// version is still the one this node knows. Start-up sources use it with `old` `None`.
+    pub fn save_model(&self, old: Option<&Model>, new: &Model) -> Result<(), ControlError> {
+        let expected = *lock(&self.known);
+        let base = (expected + 1) << 32;
+        let empty = Model::default();
+        let old_model = old.unwrap_or(&empty);
+        let meta_new = crate::state::meta_json(new).map_err(|e| self.remote(e))?;
+        let meta_changed = old.is_none()
+            || expected == 0
+            || crate::state::meta_json(old_model).map_err(|e| self.remote(e))? != meta_new;
+        let mut args: Vec<String> = vec![
+            expected.to_string(),
+            if meta_changed {
+                meta_new
+            } else {
+                String::new()
+            },
+        ];
+        let force = old.is_none();
+        diff_rows(&old_model.rest_apis, &new.rest_apis, base, force, &mut args)
+            .map_err(|e| self.remote(e))?;
+        diff_rows(&old_model.api_keys, &new.api_keys, base, force, &mut args)
+            .map_err(|e| self.remote(e))?;
+        diff_rows(
+            &old_model.usage_plans,
+            &new.usage_plans,
+            base,
+            force,
+            &mut args,
+        )
+        .map_err(|e| self.remote(e))?;
+        diff_rows(
+            &old_model.usage_plan_keys,
+            &new.usage_plan_keys,
+            base,
+            force,
+            &mut args,
+        )
+        .map_err(|e| self.remote(e))?;
+        args.push(CHANNEL.to_string());
+        let mut keys = vec![VERSION.to_string(), META.to_string()];
+        for name in COLLECTIONS {
+            keys.push(rows_key(name));
+            keys.push(seqs_key(name));
+        }
+        let call = Call::Script {
+            script: &self.scripts.save,
+            keys,
+            args,
+        };
+        let reply = self
+            .config
+            .run(|c| call.run_alone(c.like()))
+            .map_err(|e| self.remote(e))?;
+        let (ok, version) = match &reply {
+            Value::Array(a) if a.len() == 2 => (as_u64(&a[0]), as_u64(&a[1])),
+            _ => (None, None),
+        };
+        match (ok, version) {
+            (Some(1), Some(v)) => {
+                self.set_known(v);
+                Ok(())
+            }
+            (Some(0), Some(v)) => {
+                tracing::info!(
+                    expected,
+                    stored = v,
+                    "configuration changed by another node"
+                );
+                Err(ModelError::conflict(
+                    "The configuration was changed through another gateway at the same time; \
+                     retry the request",
+                )
+                .into())
+            }
+            _ => Err(self
+                .remote(format!("unexpected answer to a save: {reply:?}"))
+                .into()),
+        }
+    }
+
+    /// Indexes (plan, key) pairs this process has not indexed yet; returns the commands.
+    fn index_calls(&self, pairs: &[(&str, &str)]) -> (Vec<Call<'_>>, Vec<(String, String)>) {
+        let known = lock(&self.indexed);
+        let mut calls = Vec::new();
+        let mut fresh = Vec::new();
+        for &(plan, key) in pairs {
+            let pair = (plan.to_string(), key.to_string());
+            if known.contains(&pair) || fresh.contains(&pair) {
+                continue;
+            }
+            calls.push(Call::Plain(redis::cmd("SADD").arg(PLANS).arg(plan).clone()));
+            calls.push(Call::Plain(
+                redis::cmd("SADD").arg(plan_keys_key(plan)).arg(key).clone(),
+            ));
+            fresh.push(pair);
+        }
+        (calls, fresh)
+    }
+
+    fn remember_indexed(&self, fresh: Vec<(String, String)>) {
+        let mut known = lock(&self.indexed);
+        // Bounded by the keys and plans of the configuration; cleared if it grows past that.
+        if known.len() > 4 * self.options.max_pending {
+            known.clear();
+        }
+        known.extend(fresh);
+    }
+
+    /// Sends the outbox; on success empties it and returns each entry's period total.
+    /// Entries of `batch` go first and in its order, so each total is the running total the
+    /// reference store returns.
+    fn send_outbox(&self, batch: &[UsageDelta]) -> RedisResult<HashMap<OutboxKey, u64>> {
+        let entries: Vec<(OutboxKey, u64)> = {
+            let outbox = lock(&self.outbox);
+            let mut seen = HashSet::with_capacity(batch.len());
+            let mut entries = Vec::with_capacity(outbox.len());
+            for d in batch {
+                let k = (d.plan_id.clone(), d.key_id.clone(), d.day, d.period_start);
+                if let Some(&n) = outbox.get(&k)
+                    && seen.insert(k.clone())
+                {
+                    entries.push((k, n));
+                }
+            }
+            entries.extend(
+                outbox
+                    .iter()
+                    .filter(|(k, _)| !seen.contains(*k))
+                    .map(|(k, v)| (k.clone(), *v)),
+            );
+            entries
+        };
+        if entries.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let pairs: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|((p, k, _, _), _)| (p.as_str(), k.as_str()))
+            .collect();
+        let (mut calls, fresh) = self.index_calls(&pairs);
+        let first = calls.len();
+        let days_ttl = (HISTORY_DAYS * DAY_SECS).to_string();
+        for ((plan, key, day, start), count) in &entries {
+            calls.push(Call::Script {
+                script: &self.scripts.add,
+                keys: vec![period_key(plan, key), days_key(plan, key)],
+                args: vec![
+                    day.to_string(),
+                    start.to_string(),
+                    count.to_string(),
+                    period_expiry(*start).to_string(),
+                    days_ttl.clone(),
+                ],
+            });
+        }
+        let values = self.usage.run(|c| run_calls(c, &calls))?;
+        self.remember_indexed(fresh);
+        let mut totals = HashMap::with_capacity(entries.len());
+        {
+            let mut outbox = lock(&self.outbox);
+            for ((k, sent), v) in entries.into_iter().zip(&values[first..]) {
+                // Increments that arrived while the pipeline ran stay for the next send.
+                if let Some(left) = outbox.get_mut(&k) {
+                    *left = left.saturating_sub(sent);
+                    if *left == 0 {
+                        outbox.remove(&k);
+                    }
+                }
+                totals.insert(k, as_u64(v).unwrap_or(sent));
+            }
+            self.health
+                .pending
+                .store(outbox.len() as u64, Ordering::Relaxed);
+        }
+        Ok(totals)
+    }
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Redis(RedisError),
+    Corrupt(String),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> Self {
+        ReadError::Corrupt(e.to_string())
+    }
+}
+
+/// Field/value pairs of a hash.
+type Fields = Vec<(String, String)>;
+
+const COLLECTIONS: [&str; 4] = ["rest_apis", "api_keys", "usage_plans", "usage_plan_keys"];
+
+fn rows_key(name: &str) -> String {
+    format!("gateway:{{cfg}}:{name}")
+}
+
+fn seqs_key(name: &str) -> String {
+    format!("gateway:{{cfg}}:{name}:seq")
+}
+
+/// An entry of a keyed model collection, stored as one hash field.
+trait Row: Serialize + DeserializeOwned + PartialEq {
+    fn field(&self) -> String;
+}
+
+impl Row for RestApi {
+    fn field(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl Row for ApiKey {
+    fn field(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl Row for UsagePlan {
+    fn field(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl Row for UsagePlanKey {
+    fn field(&self) -> String {
+        pair_tag(&self.usage_plan_id, &self.key_id)
+    }
+}
+
+fn decode_rows<T: Row>(name: &str, (rows, seqs): (Fields, Fields)) -> Result<Vec<T>, ReadError> {
+    let seqs: HashMap<String, u64> = seqs
+        .into_iter()
+        .filter_map(|(id, s)| Some((id, s.parse().ok()?)))
+        .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, json) in rows {
+        let row: T = serde_json::from_str(&json)
+            .map_err(|e| ReadError::Corrupt(format!("{name} {}: {e}", id.replace(SEP, "/"))))?;
+        if row.field() != id {
+            return Err(ReadError::Corrupt(format!(
+                "{name} {}: the row holds another id",
+                id.replace(SEP, "/")
+            )));
+        }
+        let seq = seqs.get(&id).copied().unwrap_or(u64::MAX);
+        out.push((seq, id, row));
+    }
+    out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Ok(out.into_iter().map(|(_, _, row)| row).collect())
+}
+
+/// Appends one collection's part of the save script's arguments: rows deleted, changed and
+/// added. Added rows get sequence numbers from `base` when they all come after the kept ones
+/// and the kept ones keep their order; otherwise (or with `force`) the collection is rewritten.
+fn diff_rows<T: Row>(
+    old: &[T],
+    new: &[T],
+    base: u64,
+    force: bool,
+    args: &mut Vec<String>,
+) -> Result<(), serde_json::Error> {
+    let old_by_id: HashMap<String, &T> = old.iter().map(|r| (r.field(), r)).collect();
+    let new_ids: HashSet<String> = new.iter().map(Row::field).collect();
+    let kept_old: Vec<String> = old
+        .iter()
+        .map(Row::field)
+        .filter(|id| new_ids.contains(id))
+        .collect();
+    let kept_new: Vec<String> = new
+        .iter()
+        .map(Row::field)
+        .filter(|id| old_by_id.contains_key(id))
+        .collect();
+    let last_kept = new.iter().rposition(|r| old_by_id.contains_key(&r.field()));
+    let appends_only = new
+        .iter()
+        .enumerate()
+        .all(|(i, r)| old_by_id.contains_key(&r.field()) || last_kept.is_none_or(|k| i > k));
+    let rewrite = force || kept_old != kept_new || !appends_only;
+    if rewrite {
+        args.push("1".into());
+        args.push("0".into());
+        args.push(new.len().to_string());
+        for (i, row) in new.iter().enumerate() {
+            args.push(row.field());
+            args.push(serde_json::to_string(row)?);
+            args.push((base + i as u64).to_string());
+        }
+        return Ok(());
+    }
+    args.push("0".into());
+    let deletes: Vec<String> = old
+        .iter()
+        .map(Row::field)
+        .filter(|id| !new_ids.contains(id))
+        .collect();
+    args.push(deletes.len().to_string());
+    args.extend(deletes);
+    let mut puts = Vec::new();
+    for (i, row) in new.iter().enumerate() {
+        match old_by_id.get(&row.field()) {
+            Some(prev) if *prev == row => {}
+            Some(_) => puts.push((row, String::new())),
+            None => puts.push((row, (base + i as u64).to_string())),
+        }
+    }
+    args.push(puts.len().to_string());
+    for (row, seq) in puts {
+        args.push(row.field());
+        args.push(serde_json::to_string(row)?);
+        args.push(seq);
+    }
+    Ok(())
+}
+
+impl UsageStore for FleetStore {
+    fn add(&self, batch: &[UsageDelta]) -> Result<Vec<u64>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        {
+            let mut outbox = lock(&self.outbox);
+            let mut dropped = 0u64;
+            for d in batch {
+                let k = (d.plan_id.clone(), d.key_id.clone(), d.day, d.period_start);
+                let full = outbox.len() >= self.options.max_pending;
+                match outbox.get_mut(&k) {
+                    Some(n) => *n = n.saturating_add(d.count),
+                    None if full => dropped = dropped.saturating_add(d.count),
+                    None => {
+                        outbox.insert(k, d.count);
+                    }
+                }
+            }
+            if dropped > 0 {
+                self.health.dropped.fetch_add(dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    dropped,
+                    max_pending = self.options.max_pending,
+                    "usage outbox full while the store is unreachable; requests left uncounted"
+                );
+            }
+            self.health
+                .pending
+                .store(outbox.len() as u64, Ordering::Relaxed);
+        }
+        match self.send_outbox(batch) {
+            Ok(totals) => Ok(batch
+                .iter()
+                .map(|d| {
+                    let k = (d.plan_id.clone(), d.key_id.clone(), d.day, d.period_start);
+                    totals.get(&k).copied().unwrap_or(d.count)
+                })
+                .collect()),
+            Err(e) if is_outage(&e) => {
+                tracing::debug!(error = %e, "usage kept in the outbox for the next flush");
+                // The engine counted these requests already; the outbox owns them now.
+                Ok(batch.iter().map(|d| d.count).collect())
+            }
+            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", self.name()))),
+        }
+    }
+
+    fn set_allowance(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        period_start: u32,
+        allowance: u64,
+        day: u32,
+    ) -> Result<(), StoreError> {
+        let (mut calls, fresh) = self.index_calls(&[(plan_id, key_id)]);
+        calls.push(Call::Script {
+            script: &self.scripts.allowance,
+            keys: vec![period_key(plan_id, key_id), days_key(plan_id, key_id)],
+            args: vec![
+                period_start.to_string(),
+                allowance.to_string(),
+                day.to_string(),
+                period_expiry(period_start).to_string(),
+                (HISTORY_DAYS * DAY_SECS).to_string(),
+            ],
+        });
+        self.usage
+            .run(|c| run_calls(c, &calls))
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.name())))?;
+        self.remember_indexed(fresh);
+        Ok(())
+    }
+
+    fn load_periods(&self) -> Result<Vec<PeriodCounter>, StoreError> {
+        let unavailable = |e: RedisError| StoreError::Unavailable(format!("{}: {e}", self.name()));
+        let plans: Vec<String> = self
+            .usage
+            .run(|c| run_calls(c, &[Call::Plain(redis::cmd("SMEMBERS").arg(PLANS).clone())]))
+            .map_err(unavailable)?
+            .first()
+            .map(as_list)
+            .unwrap_or_default();
+        let key_calls: Vec<Call<'_>> = plans
+            .iter()
+            .map(|p| Call::Plain(redis::cmd("SMEMBERS").arg(plan_keys_key(p)).clone()))
+            .collect();
+        let keys = self
+            .usage
+            .run(|c| run_calls(c, &key_calls))
+            .map_err(unavailable)?;
+        let pairs: Vec<(String, String)> = plans
+            .iter()
+            .zip(&keys)
+            .flat_map(|(p, ks)| as_list(ks).into_iter().map(move |k| (p.clone(), k)))
+            .collect();
+        let calls: Vec<Call<'_>> = pairs
+            .iter()
+            .map(|(p, k)| Call::Plain(redis::cmd("HGETALL").arg(period_key(p, k)).clone()))
+            .collect();
+        let values = self
+            .usage
+            .run(|c| run_calls(c, &calls))
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        for ((plan_id, key_id), v) in pairs.into_iter().zip(&values) {
+            let fields: HashMap<String, String> = as_map(v).into_iter().collect();
+            if fields.is_empty() {
+                continue;
+            }
+            let num = |f: &str| fields.get(f).and_then(|s| s.parse::<u64>().ok());
+            out.push(PeriodCounter {
+                plan_id,
+                key_id,
+                period_start: num("s").and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+                used: num("u").unwrap_or(0),
+                allowance: num("a"),
+            });
+        }
+        out.sort_by(|a, b| (&a.plan_id, &a.key_id).cmp(&(&b.plan_id, &b.key_id)));
+        Ok(out)
+    }
+
+    fn history(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<Vec<DayRecord>, StoreError> {
+        let unavailable = |e: RedisError| StoreError::Unavailable(format!("{}: {e}", self.name()));
+        if first_day > last_day {
+            return Ok(Vec::new());
+        }
+        let mut keys: Vec<String> = match key_id {
+            Some(k) => vec![k.to_string()],
+            None => self
+                .usage
+                .run(|c| {
+                    run_calls(
+                        c,
+                        &[Call::Plain(
+                            redis::cmd("SMEMBERS").arg(plan_keys_key(plan_id)).clone(),
+                        )],
+                    )
+                })
+                .map_err(unavailable)?
+                .first()
+                .map(as_list)
+                .unwrap_or_default(),
+        };
+        keys.sort();
+        let calls: Vec<Call<'_>> = keys
+            .iter()
+            .map(|k| Call::Plain(redis::cmd("HGETALL").arg(days_key(plan_id, k)).clone()))
+            .collect();
+        let values = self
+            .usage
+            .run(|c| run_calls(c, &calls))
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        for (key, v) in keys.iter().zip(&values) {
+            let mut days: std::collections::BTreeMap<u32, (u64, Option<u64>)> =
+                std::collections::BTreeMap::new();
+            for (field, value) in as_map(v) {
+                let (kind, day) = field.split_at(1.min(field.len()));
+                let (Ok(day), Ok(n)) = (day.parse::<u32>(), value.parse::<u64>()) else {
+                    continue;
+                };
+                if !(first_day..=last_day).contains(&day) {
+                    continue;
+                }
+                let e = days.entry(day).or_insert((0, None));
+                match kind {
+                    "u" => e.0 = n,
+                    "a" => e.1 = Some(n),
+                    _ => {}
+                }
+            }
+            out.extend(days.into_iter().map(|(day, (used, allowance))| DayRecord {
+                key_id: key.clone(),
+                day,
+                used,
+                allowance,
+            }));
+        }
+        Ok(out)
+    }
+}
+
+impl ConfigStore for FleetStore {
+    fn save(&self, old: &Model, new: &Model) -> Result<(), ControlError> {
+        self.save_model(Some(old), new)
+    }
+
+    fn changed(&self, current: &Model) -> Result<Option<Model>, ControlError> {
+        let stored = self.stored_version().map_err(|e| self.remote(e))?;
+        let known = *lock(&self.known);
+        if stored == known {
+            return Ok(None);
+        }
+        if stored < known {
+            // The store lost data (a restart without persistence, a flush): write back the
+            // configuration this node serves; the other nodes then load it.
+            tracing::warn!(
+                store = self.name(),
+                stored,
+                known,
+                "the store lost the configuration; writing this node's back"
+            );
+            self.set_known(stored);
+            return match self.save_model(None, current) {
+                Ok(()) => Ok(None),
+                // Another node wrote it back first: load theirs.
+                Err(ControlError::Model(_)) => self.changed(current),
+                Err(e) => Err(e),
+            };
+        }
+        let (version, model) = self.read_config().map_err(|e| match e {
+            ReadError::Redis(e) => self.remote(e),
+            ReadError::Corrupt(reason) => self.remote(reason),
+        })?;
+        self.set_known(version);
+        self.health.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(model.unwrap_or_default()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watcher
+// ---------------------------------------------------------------------------------------------
+
+/// Keeps a node's configuration current: listens for the change notifications and checks the
+/// version every second (and after every reconnect), reloading when it moved. Stops when
+/// dropped (within a second).
+#[derive(Debug)]
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Longest time between two version checks.
+const POLL: Duration = Duration::from_secs(1);
+
+impl FleetStore {
+    /// Starts the watcher thread that applies other nodes' changes to `control`'s engine.
+    pub fn watch(self: &Arc<Self>, control: Arc<Control>) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let store = Arc::clone(self);
+        let flag = Arc::clone(&stop);
+        let spawned = std::thread::Builder::new()
+            .name("config-watch".into())
+            .spawn(move || store.listen(&control, &flag));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the configuration watcher");
+        }
+        Watcher { stop }
+    }
+
+    fn listen(&self, control: &Control, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut conn) = single_connection(&self.endpoint.first, self.options.timeout) {
+                let mut sub = conn.as_pubsub();
+                if sub.subscribe(CHANNEL).is_ok() && sub.set_read_timeout(Some(POLL)).is_ok() {
+                    // Messages missed while disconnected: catch up by version first.
+                    catch_up(control);
+                    while !stop.load(Ordering::Relaxed) {
+                        let message = sub.get_message();
+                        catch_up(control);
+                        match message {
+                            Ok(_) => {}
+                            Err(e) if e.is_timeout() => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            catch_up(control);
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn catch_up(control: &Control) {
+    match control.refresh() {
+        Ok(true) => tracing::info!(
+            generation = control.engine().generation(),
+            "configuration reloaded after a change on another node"
+        ),
+        Ok(false) => {}
+        Err(error) => tracing::debug!(%error, "configuration check failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{QuotaPeriod, Stage};
+    use crate::store::MemoryStore;
+    use proptest::prelude::*;
+
+    /// A throwaway `redis-server` on a free loopback port, killed on drop; `None` (and a note on
+    /// stderr) when the binary is missing, unless `GATEWAY_REQUIRE_TOOLS=1`.
+    struct TestRedis {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl TestRedis {
+        fn start() -> Option<TestRedis> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            Self::on(port)
+        }
+
+        fn on(port: u16) -> Option<TestRedis> {
+            let spawned = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    assert!(
+                        std::env::var_os("GATEWAY_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+                        "redis-server: {e} (GATEWAY_REQUIRE_TOOLS=1)"
+                    );
+                    eprintln!("skipped: redis-server cannot be started ({e})");
+                    return None;
+                }
+            };
+            let r = TestRedis { child, port };
+            let client = redis::Client::open(r.url()).expect("url");
+            for _ in 0..200 {
+                if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100))
+                    && redis::cmd("PING").query::<String>(&mut c).is_ok()
+                {
+                    return Some(r);
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            panic!("redis-server on port {port} did not answer");
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn flush_all(&self) {
+            let client = redis::Client::open(self.url()).expect("url");
+            let mut c = client.get_connection().expect("connect");
+            redis::cmd("FLUSHALL").exec(&mut c).expect("flushall");
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn open(r: &TestRedis) -> Arc<FleetStore> {
+        let mut o = FleetOptions::new(r.url());
+        o.timeout = Duration::from_millis(300);
+        FleetStore::open(o).expect("open")
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add(Vec<UsageDelta>),
+        SetAllowance(String, String, u32, u64, u32),
+        History(String, Option<String>, u32, u32),
+        LoadPeriods,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let plan = prop::sample::select(vec!["p", "q"]).prop_map(String::from);
+        let key = prop::sample::select(vec!["k", "kk", "z"]).prop_map(String::from);
+        let delta = (plan.clone(), key.clone(), 0u32..30, 0u32..5, 0u64..50).prop_map(
+            |(plan_id, key_id, day, back, count)| UsageDelta {
+                plan_id,
+                key_id,
+                day,
+                period_start: day.saturating_sub(back),
+                count,
+            },
+        );
+        prop_oneof![
+            4 => prop::collection::vec(delta, 0..6).prop_map(Op::Add),
+            1 => (plan.clone(), key.clone(), 0u32..30, 0u64..500, 0u32..30)
+                .prop_map(|(p, k, s, a, d)| Op::SetAllowance(p, k, s, a, d)),
+            1 => (plan, prop::option::of(key), 0u32..30, 0u32..30)
+                .prop_map(|(p, k, f, l)| Op::History(p, k, f, l)),
+            1 => Just(Op::LoadPeriods),
+        ]
+    }
+
+    #[test]
+    fn usage_matches_memory_store() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let store = open(&redis);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
+        runner
+            .run(&prop::collection::vec(op(), 1..30), |ops| {
+                redis.flush_all();
+                lock(&store.indexed).clear();
+                let oracle = MemoryStore::new();
+                for op in ops {
+                    match op {
+                        Op::Add(b) => {
+                            // The engine sends one delta per (plan, key, day) in a batch.
+                            let mut b = b;
+                            let mut seen = HashSet::new();
+                            b.retain(|d| seen.insert((d.plan_id.clone(), d.key_id.clone(), d.day)));
+                            prop_assert_eq!(store.add(&b), oracle.add(&b))
+                        }
+                        Op::SetAllowance(p, k, s, a, d) => prop_assert_eq!(
+                            store.set_allowance(&p, &k, s, a, d),
+                            oracle.set_allowance(&p, &k, s, a, d)
+                        ),
+                        Op::History(p, k, f, l) => prop_assert_eq!(
+                            store.history(&p, k.as_deref(), f, l),
+                            oracle.history(&p, k.as_deref(), f, l)
+                        ),
+                        Op::LoadPeriods => {
+                            prop_assert_eq!(store.load_periods(), oracle.load_periods())
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .expect("the fleet store answers as the reference store");
+    }
+
+    fn model() -> Model {
+        Model::demo(
+            "http://127.0.0.1:9000",
+            "demo-key-0123456789abcdef",
+            10.0,
+            20,
+            1000,
+        )
+        .api(RestApi::proxy("shop", "http://127.0.0.1:9001").stage(Stage::new("prod")))
+        .plan(
+            UsagePlan::new("gold", "Gold")
+                .stage("shop", "prod")
+                .quota(100, QuotaPeriod::Day),
+        )
+        .key(ApiKey::new("k1", "value-of-k1-0123456789"))
+        .key(ApiKey::new("k2", "value-of-k2-0123456789"))
+        .plan_key("gold", "k1")
+        .account_throttle(500.0, 250)
+    }
+
+    #[test]
+    fn config_round_trips_and_conflicts_are_refused() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let a = open(&redis);
+        let b = open(&redis);
+        assert_eq!(a.load_model().expect("load"), None);
+        let m1 = model();
+        a.save_model(None, &m1).expect("save");
+        assert_eq!(b.load_model().expect("load"), Some(m1.clone()));
+        assert_eq!(a.changed(&Model::default()).expect("changed"), None);
+
+        // B appends a key and changes another: A sees it as a change, in order.
+        let mut m2 = m1.clone();
+        m2.api_keys[0].enabled = false;
+        m2.api_keys
+            .push(ApiKey::new("k3", "value-of-k3-0123456789"));
+        m2.delete_api_key("k2").expect("delete");
+        b.save(&m1, &m2).expect("save");
+        assert_eq!(
+            a.changed(&Model::default()).expect("changed"),
+            Some(m2.clone())
+        );
+        assert_eq!(b.health().config_version(), a.health().config_version());
+
+        // Both start from m2; the second save is a conflict until it catches up.
+        let m3 = m2.clone().key(ApiKey::new("k4", "value-of-k4-0123456789"));
+        let m3b = m2.clone().account_throttle(1.0, 1);
+        a.save(&m2, &m3).expect("save");
+        let err = b.save(&m2, &m3b).expect_err("conflict");
+        assert!(
+            matches!(&err, ControlError::Model(m) if m.message.contains("retry")),
+            "{err}"
+        );
+        let latest = b
+            .changed(&Model::default())
+            .expect("changed")
+            .expect("moved");
+        assert_eq!(latest, m3);
+        let m4 = latest.clone().account_throttle(1.0, 1);
+        b.save(&latest, &m4).expect("save after catching up");
+
+        // A reorder rewrites the collection and keeps the new order.
+        let mut m5 = m4.clone();
+        m5.api_keys.reverse();
+        a.changed(&Model::default()).expect("changed");
+        a.save(&m4, &m5).expect("save");
+        assert_eq!(b.changed(&Model::default()).expect("changed"), Some(m5));
+    }
+
+    #[test]
+    fn outage_keeps_counts_and_reconciles() {
+        let Some(mut redis) = TestRedis::start() else {
+            return;
+        };
+        let store = open(&redis);
+        let d = |count| UsageDelta {
+            plan_id: "p".into(),
+            key_id: "k".into(),
+            day: 20_000,
+            period_start: 20_000,
+            count,
+        };
+        assert_eq!(store.add(&[d(5)]).expect("add"), vec![5]);
+        let port = redis.port;
+        let _ = redis.child.kill();
+        let _ = redis.child.wait();
+        let started = std::time::Instant::now();
+        assert_eq!(store.add(&[d(3)]).expect("kept"), vec![3]);
+        assert_eq!(store.add(&[d(4)]).expect("kept"), vec![4]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!store.health().is_up());
+        assert_eq!(store.health().pending(), 1);
+        assert!(store.load_periods().is_err());
+
+        // A fresh, empty Redis on the same port: the outbox is replayed into it.
+        let _redis = TestRedis::on(port).expect("restart");
+        assert_eq!(store.add(&[d(1)]).expect("add"), vec![8]);
+        assert!(store.health().is_up());
+        assert_eq!(store.health().pending(), 0);
+
+        // A full outbox drops new entries (and counts them) instead of growing.
+        let mut small = FleetOptions::new("redis://127.0.0.1:1");
+        small.max_pending = 1;
+        small.timeout = Duration::from_millis(100);
+        assert!(FleetStore::open(small).is_err());
+    }
+
+    #[test]
+    fn urls_are_parsed_and_redacted() {
+        let t = Duration::from_millis(100);
+        let e = parse_url("redis://:secret@127.0.0.1:6379/2", t).expect("url");
+        assert_eq!(e.shown, "redis://***@127.0.0.1:6379/2");
+        assert!(matches!(e.target, Target::Single(_)));
+        let e = parse_url("redis+cluster://10.0.0.1:7000,10.0.0.2:7000", t).expect("cluster");
+        assert!(matches!(e.target, Target::Cluster(_)));
+        for bad in [
+            "http://x:1",
+            "redis://a:1,b:2",
+            "127.0.0.1:6379",
+            "redis://",
+        ] {
+            let err = parse_url(bad, t).err().expect(bad);
+            assert!(err.to_string().contains("--store"), "{err}");
+        }
+        assert_eq!("closed".parse(), Ok(FailureMode::Closed));
+        assert!("sometimes".parse::<FailureMode>().is_err());
+    }
+
+    #[test]
+    fn appends_keep_rows_and_reorders_rewrite() {
+        let k = |id: &str| ApiKey::new(id, format!("value-of-{id}-0123456789"));
+        let old = vec![k("a"), k("b")];
+        let mut args = Vec::new();
+        diff_rows(&old, &[k("a"), k("b"), k("c")], 5 << 32, false, &mut args).expect("diff");
+        assert_eq!(&args[..4], ["0", "0", "1", "c"]);
+        assert_eq!(args[5], ((5u64 << 32) + 2).to_string());
+        let mut args = Vec::new();
+        diff_rows(&old, &[k("c"), k("a")], 5 << 32, false, &mut args).expect("diff");
+        assert_eq!(&args[..3], ["1", "0", "2"]);
+        let mut args = Vec::new();
+        diff_rows(&old, &[k("b")], 5 << 32, false, &mut args).expect("diff");
+        assert_eq!(args, ["0", "1", "a", "0"]);
+    }
+
+    #[test]
+    fn health_follows_the_failure_mode() {
+        let h = Health::new(FailureMode::Closed);
+        assert!(!h.refuse_keyed());
+        h.up.store(false, Ordering::Relaxed);
+        assert!(h.refuse_keyed() && !h.waive_quota());
+        let h = Health::new(FailureMode::Open);
+        h.up.store(false, Ordering::Relaxed);
+        assert!(h.waive_quota() && !h.refuse_keyed());
+    }
+}

@@ -1,0 +1,375 @@
+//! Fleet mode end to end: three real gateway processes sharing one real, throwaway
+//! `redis-server` (`--store redis://…`), a real upstream, real clients.
+//!
+//! - A key created through node A's admin API works on node C within a second.
+//! - A daily quota of 1,000 spread over the three nodes admits 1,000 plus at most the
+//!   documented overshoot `2 × (nodes − 1) × r × flush interval` (r: one node's admission rate).
+//! - Redis hanging mid-load (SIGSTOP): with `--store-failure local` every node keeps answering
+//!   at once and the counts reconcile when Redis resumes; with `closed` keyed requests get 503
+//!   within the store timeout, and 200 again when it resumes.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use gateway_tests::{Gateway, KeepAlive, RedisServer, Upstream, admin_ok, utc_today};
+use serde_json::json;
+
+/// How often a gateway flushes usage to the store.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a change on one node must be in force on another.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// `--store-timeout-ms` of these tests.
+const STORE_TIMEOUT_MS: u64 = 200;
+
+fn start_node(redis: &RedisServer, failure: &str) -> Result<Gateway> {
+    let url = redis.url();
+    let timeout = STORE_TIMEOUT_MS.to_string();
+    Gateway::start(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+            "--store-failure",
+            failure,
+            "--store-timeout-ms",
+            &timeout,
+        ],
+    )
+}
+
+/// A keyed `ANY /{proxy+}` API deployed to `prod`; returns its id.
+fn create_api(addr: SocketAddr, upstream: &Upstream) -> Result<String> {
+    let api = admin_ok(addr, "POST", "/restapis", Some(&json!({"name": "shop"})))?;
+    let id = api["id"].as_str().context("api id")?.to_owned();
+    let root = api["rootResourceId"].as_str().context("root")?.to_owned();
+    let proxy = admin_ok(
+        addr,
+        "POST",
+        &format!("/restapis/{id}/resources/{root}"),
+        Some(&json!({"pathPart": "{proxy+}"})),
+    )?;
+    let proxy = proxy["id"].as_str().context("resource id")?;
+    let method = format!("/restapis/{id}/resources/{proxy}/methods/ANY");
+    admin_ok(
+        addr,
+        "PUT",
+        &method,
+        Some(&json!({"authorizationType": "NONE", "apiKeyRequired": true})),
+    )?;
+    admin_ok(
+        addr,
+        "PUT",
+        &format!("{method}/integration"),
+        Some(&json!({
+            "type": "HTTP_PROXY",
+            "httpMethod": "ANY",
+            "uri": format!("http://{}/{{proxy}}", upstream.addr),
+        })),
+    )?;
+    admin_ok(
+        addr,
+        "POST",
+        &format!("/restapis/{id}/deployments"),
+        Some(&json!({"stageName": "prod"})),
+    )?;
+    Ok(id)
+}
+
+fn create_plan(addr: SocketAddr, api: &str, daily_quota: i64) -> Result<String> {
+    let plan = admin_ok(
+        addr,
+        "POST",
+        "/usageplans",
+        Some(&json!({
+            "name": "fleet",
+            "throttle": {"rateLimit": 5000.0, "burstLimit": 5000},
+            "quota": {"limit": daily_quota, "period": "DAY"},
+            "apiStages": [{"apiId": api, "stage": "prod"}],
+        })),
+    )?;
+    Ok(plan["id"].as_str().context("plan id")?.to_owned())
+}
+
+fn create_key(addr: SocketAddr, plan: &str, value: &str) -> Result<String> {
+    let key = admin_ok(
+        addr,
+        "POST",
+        "/apikeys",
+        Some(&json!({"name": value, "enabled": true, "value": value})),
+    )?;
+    let id = key["id"].as_str().context("key id")?.to_owned();
+    admin_ok(
+        addr,
+        "POST",
+        &format!("/usageplans/{plan}/keys"),
+        Some(&json!({"keyId": id, "keyType": "API_KEY"})),
+    )?;
+    Ok(id)
+}
+
+fn used_today(addr: SocketAddr, plan: &str, key: &str) -> Result<u64> {
+    let today = utc_today();
+    let usage = admin_ok(
+        addr,
+        "GET",
+        &format!("/usageplans/{plan}/usage?startDate={today}&endDate={today}"),
+        None,
+    )?;
+    usage["values"][key][0][0]
+        .as_u64()
+        .with_context(|| format!("no usage for {key}: {usage}"))
+}
+
+/// Polls `GET path` on `addr` with `key` until it answers `want`; returns how long that took.
+fn wait_for(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    want: u16,
+    limit: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut client = KeepAlive::new(addr);
+    loop {
+        let (status, _) = client.get(path, Some(key))?;
+        if status == want {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "{path} on {addr} still answers {status} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Fleet {
+    _upstream: Upstream,
+    nodes: Vec<Gateway>,
+    path: String,
+    plan: String,
+}
+
+/// Redis, an upstream, three nodes, and an API + plan created on node A and live on every node.
+fn fleet(test: &str, failure: &str, daily_quota: i64) -> Result<Option<(Fleet, RedisServer)>> {
+    let Some(redis) = RedisServer::start(test)? else {
+        return Ok(None);
+    };
+    let upstream = Upstream::start()?;
+    let nodes = (0..3)
+        .map(|_| start_node(&redis, failure))
+        .collect::<Result<Vec<_>>>()?;
+    let api = create_api(nodes[0].admin, &upstream)?;
+    let plan = create_plan(nodes[0].admin, &api, daily_quota)?;
+    let path = format!("/restapis/{api}/prod/_user_request_/pets");
+    // Redis is handed back beside the fleet so a test can hang and resume it.
+    let fleet = Fleet {
+        _upstream: upstream,
+        nodes,
+        path,
+        plan,
+    };
+    Ok(Some((fleet, redis)))
+}
+
+#[test]
+fn key_created_on_one_node_works_on_another_within_a_second() -> Result<()> {
+    let Some((f, _redis)) = fleet("fleet propagation", "local", 1_000_000)? else {
+        return Ok(());
+    };
+    let (a, c) = (&f.nodes[0], &f.nodes[2]);
+    let mut worst = Duration::ZERO;
+    for n in 0..3 {
+        let value = format!("fleet-propagation-key-{n}-0123456789");
+        create_key(a.admin, &f.plan, &value)?;
+        let took = wait_for(c.data, &f.path, &value, 200, PROPAGATION)?;
+        worst = worst.max(took);
+    }
+    eprintln!("fleet: a key created on node A answered 200 on node C after at most {worst:?}");
+    // The admin API of node C shows what node A created.
+    let keys = admin_ok(c.admin, "GET", "/apikeys", None)?;
+    ensure!(
+        keys["item"].as_array().map(Vec::len) == Some(3),
+        "node C lists {keys}"
+    );
+    Ok(())
+}
+
+#[test]
+fn quota_holds_across_three_nodes() -> Result<()> {
+    const QUOTA: u64 = 1_000;
+    /// Requests per second each client sends to its node.
+    const RATE: u64 = 100;
+    let Some((f, _redis)) = fleet("fleet quota", "local", QUOTA as i64)? else {
+        return Ok(());
+    };
+    let value = "fleet-quota-key-0123456789";
+    let key = create_key(f.nodes[0].admin, &f.plan, value)?;
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
+    }
+    // Those three probes were admitted too.
+    let started = Instant::now();
+    let results: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = f
+            .nodes
+            .iter()
+            .map(|node| {
+                let (addr, path) = (node.data, f.path.clone());
+                s.spawn(move || -> Result<(u64, u64)> {
+                    let mut client = KeepAlive::new(addr);
+                    let (mut admitted, mut refused_in_a_row) = (0u64, 0u64);
+                    let mut sent = 0u64;
+                    let begin = Instant::now();
+                    // Until refused for three flush intervals in a row, at most 30 s.
+                    while refused_in_a_row < 3 * RATE && begin.elapsed() < Duration::from_secs(30) {
+                        let due = begin + Duration::from_millis(sent * 1000 / RATE);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        sent += 1;
+                        let (status, body) = client.get(&path, Some(value))?;
+                        match status {
+                            200 => {
+                                admitted += 1;
+                                refused_in_a_row = 0;
+                            }
+                            429 => refused_in_a_row += 1,
+                            other => anyhow::bail!("{other}: {body}"),
+                        }
+                    }
+                    Ok((admitted, sent))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let admitted: u64 = results.iter().map(|r| r.0).sum::<u64>() + 3;
+    let bound = 2 * (f.nodes.len() as u64 - 1) * RATE * FLUSH_INTERVAL.as_secs();
+    eprintln!(
+        "fleet: quota {QUOTA}/day over 3 nodes at {RATE} req/s each: admitted {admitted} \
+         (overshoot {}, documented bound {bound}) in {:?}; per node {results:?}",
+        admitted.saturating_sub(QUOTA),
+        started.elapsed()
+    );
+    ensure!(admitted >= QUOTA, "admitted {admitted} < quota {QUOTA}");
+    ensure!(
+        admitted <= QUOTA + bound,
+        "admitted {admitted} > quota {QUOTA} + bound {bound}"
+    );
+    // Every node reports the fleet's usage once the last flush is in.
+    std::thread::sleep(FLUSH_INTERVAL * 2);
+    for node in &f.nodes {
+        let used = used_today(node.admin, &f.plan, &key)?;
+        ensure!(
+            used == admitted,
+            "node reports {used} used, {admitted} admitted"
+        );
+    }
+    Ok(())
+}
+
+/// Sends `count` requests to every node in turn; returns the statuses and the slowest answer.
+fn load(f: &Fleet, value: &str, count: usize) -> Result<(Vec<u16>, Duration)> {
+    let mut clients: Vec<KeepAlive> = f.nodes.iter().map(|n| KeepAlive::new(n.data)).collect();
+    let mut statuses = Vec::with_capacity(count * clients.len());
+    let mut slowest = Duration::ZERO;
+    for _ in 0..count {
+        for client in &mut clients {
+            let started = Instant::now();
+            let (status, _) = client.get(&f.path, Some(value))?;
+            slowest = slowest.max(started.elapsed());
+            statuses.push(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((statuses, slowest))
+}
+
+#[test]
+fn hung_store_in_local_mode_keeps_serving_and_reconciles() -> Result<()> {
+    let Some((f, redis)) = fleet("fleet outage local", "local", 1_000_000)? else {
+        return Ok(());
+    };
+    let value = "fleet-outage-key-0123456789";
+    let key = create_key(f.nodes[0].admin, &f.plan, value)?;
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
+    }
+    let (before, _) = load(&f, value, 50)?;
+    redis.signal(libc::SIGSTOP)?;
+    let (during, slowest) = load(&f, value, 100)?;
+    redis.signal(libc::SIGCONT)?;
+    let (after, _) = load(&f, value, 50)?;
+    eprintln!("fleet: slowest answer while Redis hung (local mode): {slowest:?}");
+    for statuses in [&before, &during, &after] {
+        ensure!(statuses.iter().all(|&s| s == 200), "statuses {statuses:?}");
+    }
+    ensure!(
+        slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300),
+        "a request took {slowest:?} while the store hung"
+    );
+    // Everything admitted before, during and after the outage is in the store.
+    let admitted = (3 + before.len() + during.len() + after.len()) as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = used_today(f.nodes[1].admin, &f.plan, &key)?;
+        if used == admitted {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "store has {used} used, {admitted} admitted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn hung_store_in_closed_mode_refuses_keyed_requests() -> Result<()> {
+    let Some((f, redis)) = fleet("fleet outage closed", "closed", 1_000_000)? else {
+        return Ok(());
+    };
+    let value = "fleet-closed-key-0123456789";
+    create_key(f.nodes[0].admin, &f.plan, value)?;
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
+    }
+    redis.signal(libc::SIGSTOP)?;
+    // Each node notices at its next store call (flush or version check: within a second
+    // plus the store timeout).
+    let notice = FLUSH_INTERVAL + Duration::from_millis(STORE_TIMEOUT_MS) * 3;
+    for node in &f.nodes {
+        wait_for(
+            node.data,
+            &f.path,
+            value,
+            503,
+            notice + Duration::from_secs(1),
+        )?;
+    }
+    let (during, slowest) = load(&f, value, 10)?;
+    ensure!(during.iter().all(|&s| s == 503), "statuses {during:?}");
+    redis.signal(libc::SIGCONT)?;
+    for node in &f.nodes {
+        wait_for(
+            node.data,
+            &f.path,
+            value,
+            200,
+            notice + Duration::from_secs(1),
+        )?;
+    }
+    eprintln!("fleet: slowest 503 while Redis hung (closed mode): {slowest:?}");
+    ensure!(slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300));
+    Ok(())
+}
