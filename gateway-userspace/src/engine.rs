@@ -7,12 +7,21 @@
 //! [`Engine::decide`] does no I/O and takes no lock: it reads the snapshot, the injected clock and
 //! atomics only.
 //!
+//! Routing: each stage routes on the resources of the deployment it points to (the snapshot
+//! CreateDeployment took), so method, resource and integration changes reach a stage when it is
+//! redeployed. A stage without a `deploymentId`, naming a deployment that does not exist, or
+//! naming one without a snapshot (configurations written by hand, `--config`, `--demo`,
+//! `--upstream`) routes on the API's live resources. Stages of one API that serve the same
+//! resource list share one compiled tree; per-stage tables (throttle buckets, integrations with
+//! stage variables substituted) are indexed by the method index of the stage's tree.
+//!
 //! Invariants:
 //! - Every API key has a dense `slot: u32`, stable across swaps while the key exists; every
 //!   (key, plan) membership has a cell, stable across swaps while the membership exists. Freed
 //!   slots and cells are quarantined for one apply before reuse, so a decision still running on
 //!   the previous snapshot cannot touch a new owner's state.
-//! - Stage buckets are shared by all clients and keyed by (api, stage, resource, method); the
+//! - Stage buckets are shared by all clients and keyed by (api, stage, resource, method); they
+//!   survive swaps and redeployments while the stage still serves that resource and method. The
 //!   account bucket lives as long as the engine.
 //! - Keys are looked up by a 128-bit keyed digest (two SipHash-1-3 with random per-engine keys)
 //!   of the value; the value itself is not kept in the lookup tables and timing does not depend on
@@ -30,6 +39,7 @@
 //! `Forbidden` with [`ForbiddenReason::RouteGone`]; a store that fails at start-up leaves counters
 //! at zero (fail open, as AWS does when its usage-plan check fails) and is logged.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,7 +51,7 @@ use serde::Serialize;
 use crate::clock::Clock;
 use crate::limit::{self, Bucket, Layer, Layers};
 use crate::plan::{
-    ApiKeySource, IntegrationType, Model, ModelError, QuotaPeriod, Segment,
+    ApiKeySource, Integration, IntegrationType, Model, ModelError, QuotaPeriod, Resource, Segment,
     parse_method_setting_key, parse_plan_method_key, parse_resource_path,
 };
 use crate::quota::{self, PeriodBounds, QuotaCounter};
@@ -540,13 +550,23 @@ struct CMethod {
     api_key_required: bool,
 }
 
+/// The routes of one resource list (an API's live resources or one deployment's snapshot),
+/// shared by every stage of the API that serves that list.
+#[derive(Debug, Default)]
+struct CTree {
+    root: Node,
+    methods: Vec<CMethod>,
+}
+
 #[derive(Debug)]
 struct CStage {
     api: u32,
+    /// The tree the stage routes on (index into [`Compiled::trees`]).
+    tree: u32,
     name: String,
-    /// Per method of the API: stage throttle, if any.
+    /// Per method of the stage's tree: stage throttle, if any.
     buckets: Vec<Option<(GcraParams, Arc<Bucket>)>>,
-    /// Per method of the API: integration with stage variables substituted.
+    /// Per method of the stage's tree: integration with stage variables substituted.
     integrations: Vec<Option<RouteIntegration>>,
 }
 
@@ -554,8 +574,6 @@ struct CStage {
 struct CApi {
     id: String,
     key_source: ApiKeySource,
-    root: Node,
-    methods: Vec<CMethod>,
     stages: HashMap<String, u32>,
 }
 
@@ -606,6 +624,7 @@ struct Compiled {
     model: Arc<Model>,
     apis: Vec<CApi>,
     api_index: HashMap<String, u32>,
+    trees: Vec<CTree>,
     stages: Vec<CStage>,
     plans: Vec<CPlan>,
     plan_index: HashMap<String, u32>,
@@ -655,7 +674,8 @@ impl Compiled {
         }
         let api = &self.apis[*self.api_index.get(&r.rest_api_id)? as usize];
         let stage = *api.stages.get(&r.stage)?;
-        let method = api
+        let tree = &self.trees[self.stages[stage as usize].tree as usize];
+        let method = tree
             .methods
             .iter()
             .position(|m| m.resource_path == r.resource_path && m.verb == r.declared_method)?;
@@ -867,13 +887,14 @@ impl Engine {
         };
         let api = &c.apis[api_idx as usize];
         let stage_idx = *api.stages.get(stage)?;
+        let st = &c.stages[stage_idx as usize];
+        let tree = &c.trees[st.tree as usize];
         let path = resource_path.split('?').next().unwrap_or("");
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let mut params = Vec::new();
         let verb = http_method.to_ascii_uppercase();
-        let (method_idx, matched_any) = match_node(&api.root, &segs, &verb, &mut params)?;
-        let m = &api.methods[method_idx as usize];
-        let st = &c.stages[stage_idx as usize];
+        let (method_idx, matched_any) = match_node(&tree.root, &segs, &verb, &mut params)?;
+        let m = &tree.methods[method_idx as usize];
         Some(Route {
             rest_api_id: api.id.clone(),
             stage: st.name.clone(),
@@ -902,8 +923,7 @@ impl Engine {
             };
         };
         let stage = &c.stages[stage_idx as usize];
-        let api = &c.apis[stage.api as usize];
-        let method = &api.methods[method_idx as usize];
+        let method = &c.trees[stage.tree as usize].methods[method_idx as usize];
         let stage_layer = stage
             .buckets
             .get(method_idx as usize)
@@ -1445,6 +1465,45 @@ fn substitute_stage_vars(uri: &str, vars: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// Builds the route tree of one resource list, with each method's integration (indexed like
+/// [`CTree::methods`]).
+fn compile_tree(resources: &[Resource]) -> Result<(CTree, Vec<Option<&Integration>>), ModelError> {
+    let mut tree = CTree::default();
+    let mut integrations = Vec::new();
+    for r in resources {
+        let segs = parse_resource_path(&r.path)?;
+        let mut node = &mut tree.root;
+        for s in &segs {
+            node = match s {
+                Segment::Literal(l) => node.literal.entry(l.clone()).or_default(),
+                Segment::Param(p) => {
+                    &mut node
+                        .param
+                        .get_or_insert_with(|| (p.clone(), Box::default()))
+                        .1
+                }
+                Segment::Greedy(p) => {
+                    &mut node
+                        .greedy
+                        .get_or_insert_with(|| (p.clone(), Box::default()))
+                        .1
+                }
+            };
+        }
+        let at = node.methods.get_or_insert_with(HashMap::new);
+        for (verb, m) in &r.resource_methods {
+            at.insert(verb.clone(), tree.methods.len() as u32);
+            tree.methods.push(CMethod {
+                resource_path: r.path.clone(),
+                verb: verb.clone(),
+                api_key_required: m.api_key_required,
+            });
+            integrations.push(m.method_integration.as_ref());
+        }
+    }
+    Ok((tree, integrations))
+}
+
 /// Builds a snapshot, reusing the state of `old` for everything that still exists.
 fn compile(
     model: Model,
@@ -1461,8 +1520,9 @@ fn compile(
     if let Some(o) = old {
         for st in &o.stages {
             let api = &o.apis[st.api as usize];
+            let tree = &o.trees[st.tree as usize];
             for (i, b) in st.buckets.iter().enumerate() {
-                if let (Some((_, b)), Some(m)) = (b, api.methods.get(i)) {
+                if let (Some((_, b)), Some(m)) = (b, tree.methods.get(i)) {
                     old_stage_buckets.insert((&api.id, &st.name, &m.resource_path, &m.verb), b);
                 }
             }
@@ -1471,42 +1531,24 @@ fn compile(
 
     let mut apis = Vec::with_capacity(model.rest_apis.len());
     let mut api_index = HashMap::new();
+    let mut trees = Vec::new();
     let mut stages = Vec::new();
     for (ai, api) in model.rest_apis.iter().enumerate() {
-        let mut root = Node::default();
-        let mut methods = Vec::new();
-        for r in &api.resources {
-            let segs = parse_resource_path(&r.path)?;
-            let mut node = &mut root;
-            for s in &segs {
-                node = match s {
-                    Segment::Literal(l) => node.literal.entry(l.clone()).or_default(),
-                    Segment::Param(p) => {
-                        &mut node
-                            .param
-                            .get_or_insert_with(|| (p.clone(), Box::default()))
-                            .1
-                    }
-                    Segment::Greedy(p) => {
-                        &mut node
-                            .greedy
-                            .get_or_insert_with(|| (p.clone(), Box::default()))
-                            .1
-                    }
-                };
-            }
-            let at = node.methods.get_or_insert_with(HashMap::new);
-            for (verb, m) in &r.resource_methods {
-                at.insert(verb.clone(), methods.len() as u32);
-                methods.push(CMethod {
-                    resource_path: r.path.clone(),
-                    verb: verb.clone(),
-                    api_key_required: m.api_key_required,
-                });
-            }
-        }
+        // One tree per resource list the API's stages serve: `None` is the live resources,
+        // `Some(i)` the snapshot of deployment `i`. Kept with each method's integration.
+        let mut tree_of: HashMap<Option<usize>, (u32, Vec<Option<&Integration>>)> = HashMap::new();
         let mut stage_map = HashMap::new();
         for s in &api.stages {
+            let source = api.served_deployment(s);
+            let (tree_idx, templates) = match tree_of.entry(source) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let (tree, templates) = compile_tree(api.served_resources(s))?;
+                    trees.push(tree);
+                    e.insert(((trees.len() - 1) as u32, templates))
+                }
+            };
+            let methods = &trees[*tree_idx as usize].methods;
             let mut settings: HashMap<(String, String), (f64, i64)> = HashMap::new();
             for (k, v) in &s.method_settings {
                 settings.insert(
@@ -1517,7 +1559,7 @@ fn compile(
             let default = settings.get(&("*".to_string(), "*".to_string())).copied();
             let mut buckets = Vec::with_capacity(methods.len());
             let mut integrations = Vec::with_capacity(methods.len());
-            for m in &methods {
+            for (m, template) in methods.iter().zip(templates.iter()) {
                 let setting = settings
                     .get(&(m.resource_path.clone(), m.verb.clone()))
                     .copied()
@@ -1539,22 +1581,16 @@ fn compile(
                     _ => None,
                 };
                 buckets.push(b);
-                let integration = api
-                    .resources
-                    .iter()
-                    .find(|r| r.path == m.resource_path)
-                    .and_then(|r| r.resource_methods.get(&m.verb))
-                    .and_then(|mm| mm.method_integration.as_ref())
-                    .map(|i| RouteIntegration {
-                        integration_type: i.integration_type,
-                        uri: substitute_stage_vars(&i.uri, &s.variables),
-                        timeout_ms: i.timeout_in_millis,
-                    });
-                integrations.push(integration);
+                integrations.push(template.map(|i| RouteIntegration {
+                    integration_type: i.integration_type,
+                    uri: substitute_stage_vars(&i.uri, &s.variables),
+                    timeout_ms: i.timeout_in_millis,
+                }));
             }
             stage_map.insert(s.stage_name.clone(), stages.len() as u32);
             stages.push(CStage {
                 api: ai as u32,
+                tree: *tree_idx,
                 name: s.stage_name.clone(),
                 buckets,
                 integrations,
@@ -1564,8 +1600,6 @@ fn compile(
         apis.push(CApi {
             id: api.id.clone(),
             key_source: api.api_key_source,
-            root,
-            methods,
             stages: stage_map,
         });
     }
@@ -1584,13 +1618,14 @@ fn compile(
                 continue;
             };
             cstages.push(si);
+            let tree = &trees[stages[si as usize].tree as usize];
             for (k, t) in &s.throttle {
                 let (path, verb) = parse_plan_method_key(k)?;
                 let Some((rate, burst)) = t.effective() else {
                     continue;
                 };
                 // A throttle for GET also applies to GET requests served by an ANY method.
-                for (mi, m) in api.methods.iter().enumerate() {
+                for (mi, m) in tree.methods.iter().enumerate() {
                     if m.resource_path == path && (m.verb == verb || m.verb == "ANY") {
                         pm.push(PmEntry {
                             stage: si,
@@ -1814,6 +1849,7 @@ fn compile(
         model: Arc::new(model),
         apis,
         api_index,
+        trees,
         stages,
         plans,
         plan_index,

@@ -12,8 +12,8 @@
 //! - every usage-plan key names an existing plan and key, every `apiStages` entry an existing
 //!   REST API and stage, and an API key is in at most one plan per stage ("one plan per key per
 //!   stage", reported as `Conflict`);
-//! - resource paths are well-formed templates (`/pets/{id}`, greedy `{proxy+}` only last) with at
-//!   most one variable child per parent;
+//! - resource paths, live and in deployment snapshots, are well-formed templates (`/pets/{id}`,
+//!   greedy `{proxy+}` only last) with at most one variable child per parent;
 //! - throttles are non-negative (stage method settings also accept `-1` = "no throttling") and
 //!   quota offsets follow the DAY 0 / WEEK 0..=6 / MONTH 0..=27 rule.
 //!
@@ -25,6 +25,10 @@
 //!   gets its own bucket with the `*/*` limits (AWS's "default method throttling").
 //! - Integrations live on methods (`methodIntegration`); the stage contributes `variables`, and
 //!   `${stageVariables.NAME}` in an integration `uri` is substituted per stage.
+//! - A stage serves the resources of the deployment it names ([`Deployment::resources`]). A
+//!   stage without a deployment, naming an unknown one, or naming one without a snapshot
+//!   (configurations written by hand) serves the API's live resources
+//!   ([`RestApi::served_deployment`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -179,8 +183,9 @@ pub struct RestApi {
     pub created_date: Option<i64>,
 }
 
-/// A deployment of a REST API. Stages serve the API's current resources and methods; the
-/// deployment records when and why a stage was (re)deployed.
+/// A deployment of a REST API: a snapshot of its resources, methods and integrations taken by
+/// CreateDeployment. A stage that names the deployment serves that snapshot, so later method or
+/// integration changes reach the stage only when it is (re)deployed, as on AWS.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Deployment {
@@ -192,6 +197,10 @@ pub struct Deployment {
     /// Creation time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_date: Option<i64>,
+    /// The API's resources at deployment time. Empty means "no snapshot": a stage naming this
+    /// deployment serves the API's current resources (configurations written by hand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Resource>,
 }
 
 /// A resource: a path template and the methods declared on it.
@@ -561,6 +570,35 @@ impl RestApi {
         self
     }
 
+    /// Records a deployment `id` holding a snapshot of the current resources (what
+    /// CreateDeployment does); point a stage at it with [`Stage::deployment`].
+    pub fn deploy(mut self, id: &str) -> Self {
+        self.deployments.push(Deployment {
+            id: id.to_string(),
+            resources: self.resources.clone(),
+            ..Deployment::default()
+        });
+        self
+    }
+
+    /// Index of the deployment whose snapshot `stage` serves, or `None` when the stage serves
+    /// the live resources (no deployment id, an unknown one, or a deployment without snapshot).
+    pub fn served_deployment(&self, stage: &Stage) -> Option<usize> {
+        let id = stage.deployment_id.as_deref()?;
+        self.deployments
+            .iter()
+            .position(|d| d.id == id)
+            .filter(|&i| !self.deployments[i].resources.is_empty())
+    }
+
+    /// The resources `stage` routes on: its deployment's snapshot, else the live resources.
+    pub fn served_resources(&self, stage: &Stage) -> &[Resource] {
+        match self.served_deployment(stage) {
+            Some(i) => &self.deployments[i].resources,
+            None => &self.resources,
+        }
+    }
+
     /// Adds a stage.
     pub fn stage(mut self, stage: Stage) -> Self {
         self.stages.push(stage);
@@ -634,6 +672,12 @@ impl Stage {
                 throttling_rate_limit: rate,
             },
         );
+        self
+    }
+
+    /// Points the stage at a deployment.
+    pub fn deployment(mut self, id: &str) -> Self {
+        self.deployment_id = Some(id.to_string());
         self
     }
 
@@ -1329,10 +1373,32 @@ fn one_plan_per_stage(plan: &str, key: &str, api: &str, stage: &str) -> ModelErr
 }
 
 fn validate_rest_api(api: &RestApi) -> Result<(), ModelError> {
+    validate_resources(&api.resources)?;
+    for d in &api.deployments {
+        validate_resources(&d.resources)?;
+    }
+    let mut stages = HashSet::new();
+    for s in &api.stages {
+        if s.stage_name.is_empty() || s.stage_name.contains('/') {
+            return Err(ModelError::bad_request("Stage name only allows a-zA-Z0-9_"));
+        }
+        if !stages.insert(s.stage_name.as_str()) {
+            return Err(ModelError::conflict("Stage already exists"));
+        }
+        for (k, v) in &s.method_settings {
+            validate_method_setting(k, v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks one resource list (an API's live resources or a deployment's snapshot): well-formed,
+/// unique paths, one variable child per parent, known HTTP methods, integration timeouts.
+fn validate_resources(resources: &[Resource]) -> Result<(), ModelError> {
     let mut paths = HashSet::new();
     // parent path -> variable child name, for the one-variable-sibling rule.
     let mut variable_child: HashMap<String, String> = HashMap::new();
-    for r in &api.resources {
+    for r in resources {
         let segs = parse_resource_path(&r.path)?;
         if !paths.insert(r.path.as_str()) {
             return Err(ModelError::conflict(format!(
@@ -1367,18 +1433,6 @@ fn validate_rest_api(api: &RestApi) -> Result<(), ModelError> {
                     "Timeout should be between 50 ms and 29000 ms",
                 ));
             }
-        }
-    }
-    let mut stages = HashSet::new();
-    for s in &api.stages {
-        if s.stage_name.is_empty() || s.stage_name.contains('/') {
-            return Err(ModelError::bad_request("Stage name only allows a-zA-Z0-9_"));
-        }
-        if !stages.insert(s.stage_name.as_str()) {
-            return Err(ModelError::conflict("Stage already exists"));
-        }
-        for (k, v) in &s.method_settings {
-            validate_method_setting(k, v)?;
         }
     }
     Ok(())

@@ -339,6 +339,54 @@ fn resources_methods_and_stages() {
 }
 
 #[test]
+fn deployment_snapshots_are_validated_like_live_resources() {
+    // The live resources are valid; each snapshot breaks one rule.
+    let with_snapshot = |path: &str, verb: &str, method: Method| {
+        let mut api = RestApi::new("a", "a")
+            .method("/ok", "GET", Method::mock())
+            .deploy("d1");
+        api.deployments[0].resources = RestApi::new("a", "a").method(path, verb, method).resources;
+        Model::new().api(api.stage(Stage::new("s").deployment("d1")))
+    };
+    assert!(
+        with_snapshot("/p", "GET", Method::mock())
+            .validate()
+            .is_ok()
+    );
+    assert_eq!(
+        err(with_snapshot("pets", "GET", Method::mock()).validate()),
+        bad("Invalid resource path specified: pets")
+    );
+    assert_eq!(
+        err(with_snapshot("/p", "FETCH", Method::mock()).validate()).0,
+        ErrorKind::BadRequest
+    );
+    assert_eq!(
+        err(with_snapshot("/p", "GET", Method::http_proxy("http://x").timeout_ms(10)).validate()),
+        bad("Timeout should be between 50 ms and 29000 ms")
+    );
+    let mut sib = with_snapshot("/{a}", "GET", Method::mock());
+    sib.rest_apis[0].deployments[0].resources.extend(
+        RestApi::new("a", "a")
+            .method("/{b}", "GET", Method::mock())
+            .resources,
+    );
+    assert_eq!(
+        err(sib.validate()),
+        bad(
+            "A sibling ({a}) of this resource already has a variable path part -- only one is allowed"
+        )
+    );
+    // The engine refuses the model and keeps nothing of it.
+    let e = Engine::new(
+        with_snapshot("pets", "GET", Method::mock()),
+        Arc::new(MemoryStore::new()),
+        Arc::new(FakeClock::new(0)),
+    );
+    assert!(e.is_err());
+}
+
+#[test]
 fn model_json_round_trip_from_aws_shapes() {
     let json = serde_json::json!({
         "restApis": [{"id": "a1", "name": "x", "apiKeySource": "AUTHORIZER",

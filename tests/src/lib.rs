@@ -821,3 +821,67 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Ids of a REST API built through the admin API.
+pub struct ProxyApi {
+    /// REST API id.
+    pub id: String,
+    /// Id of the root resource `/`.
+    pub root: String,
+    /// Id of the `/{proxy+}` resource.
+    pub proxy: String,
+}
+
+impl ProxyApi {
+    /// Data-plane path of `/anything` on stage `prod`.
+    pub fn path(&self) -> String {
+        format!("/restapis/{}/prod/_user_request_/anything", self.id)
+    }
+}
+
+/// Creates a REST API whose `ANY /{proxy+}` needs a key and forwards to `upstream`, and
+/// deploys it to stage `prod`.
+pub fn create_proxy_api(addr: SocketAddr, upstream: &Upstream, name: &str) -> Result<ProxyApi> {
+    let api = admin_ok(
+        addr,
+        "POST",
+        "/restapis",
+        Some(&serde_json::json!({"name": name})),
+    )?;
+    let id = api["id"].as_str().context("api id")?.to_owned();
+    let root = api["rootResourceId"]
+        .as_str()
+        .context("rootResourceId")?
+        .to_owned();
+    let proxy = admin_ok(
+        addr,
+        "POST",
+        &format!("/restapis/{id}/resources/{root}"),
+        Some(&serde_json::json!({"pathPart": "{proxy+}"})),
+    )?;
+    let proxy = proxy["id"].as_str().context("resource id")?.to_owned();
+    let method = format!("/restapis/{id}/resources/{proxy}/methods/ANY");
+    admin_ok(
+        addr,
+        "PUT",
+        &method,
+        Some(&serde_json::json!({"authorizationType": "NONE", "apiKeyRequired": true})),
+    )?;
+    admin_ok(
+        addr,
+        "PUT",
+        &format!("{method}/integration"),
+        Some(&serde_json::json!({
+            "type": "HTTP_PROXY",
+            "httpMethod": "ANY",
+            "uri": format!("http://{}/{{proxy}}", upstream.addr),
+        })),
+    )?;
+    admin_ok(
+        addr,
+        "POST",
+        &format!("/restapis/{id}/deployments"),
+        Some(&serde_json::json!({"stageName": "prod"})),
+    )?;
+    Ok(ProxyApi { id, root, proxy })
+}

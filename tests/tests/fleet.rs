@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use gateway_tests::{Gateway, KeepAlive, RedisServer, Upstream, admin_ok, utc_today};
+use gateway_tests::{
+    Gateway, KeepAlive, RedisServer, Upstream, admin_ok, create_proxy_api, utc_today,
+};
 use serde_json::json;
 
 /// How often a gateway flushes usage to the store.
@@ -42,44 +44,6 @@ fn start_node(redis: &RedisServer, failure: &str) -> Result<Gateway> {
             &timeout,
         ],
     )
-}
-
-/// A keyed `ANY /{proxy+}` API deployed to `prod`; returns its id.
-fn create_api(addr: SocketAddr, upstream: &Upstream) -> Result<String> {
-    let api = admin_ok(addr, "POST", "/restapis", Some(&json!({"name": "shop"})))?;
-    let id = api["id"].as_str().context("api id")?.to_owned();
-    let root = api["rootResourceId"].as_str().context("root")?.to_owned();
-    let proxy = admin_ok(
-        addr,
-        "POST",
-        &format!("/restapis/{id}/resources/{root}"),
-        Some(&json!({"pathPart": "{proxy+}"})),
-    )?;
-    let proxy = proxy["id"].as_str().context("resource id")?;
-    let method = format!("/restapis/{id}/resources/{proxy}/methods/ANY");
-    admin_ok(
-        addr,
-        "PUT",
-        &method,
-        Some(&json!({"authorizationType": "NONE", "apiKeyRequired": true})),
-    )?;
-    admin_ok(
-        addr,
-        "PUT",
-        &format!("{method}/integration"),
-        Some(&json!({
-            "type": "HTTP_PROXY",
-            "httpMethod": "ANY",
-            "uri": format!("http://{}/{{proxy}}", upstream.addr),
-        })),
-    )?;
-    admin_ok(
-        addr,
-        "POST",
-        &format!("/restapis/{id}/deployments"),
-        Some(&json!({"stageName": "prod"})),
-    )?;
-    Ok(id)
 }
 
 fn create_plan(addr: SocketAddr, api: &str, daily_quota: i64) -> Result<String> {
@@ -166,7 +130,7 @@ fn fleet(test: &str, failure: &str, daily_quota: i64) -> Result<Option<(Fleet, R
     let nodes = (0..3)
         .map(|_| start_node(&redis, failure))
         .collect::<Result<Vec<_>>>()?;
-    let api = create_api(nodes[0].admin, &upstream)?;
+    let api = create_proxy_api(nodes[0].admin, &upstream, "shop")?.id;
     let plan = create_plan(nodes[0].admin, &api, daily_quota)?;
     let path = format!("/restapis/{api}/prod/_user_request_/pets");
     // Redis is handed back beside the fleet so a test can hang and resume it.

@@ -20,7 +20,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use gateway_tests::{
-    Gateway, KeepAlive, TempDir, Upstream, admin, admin_ok, gateway_bin, run_bounded, utc_today,
+    Gateway, KeepAlive, ProxyApi, TempDir, Upstream, admin, admin_ok, create_proxy_api,
+    gateway_bin, run_bounded, utc_today,
 };
 use serde_json::{Value, json};
 
@@ -60,66 +61,10 @@ fn stop(gw: &mut Gateway) -> Result<()> {
     Ok(())
 }
 
-/// Ids of a REST API built through the admin API.
-struct Api {
-    id: String,
-    root: String,
-    proxy: String,
-}
-
-impl Api {
-    /// Data-plane path of `/anything` on stage `prod`.
-    fn path(&self) -> String {
-        format!("/restapis/{}/prod/_user_request_/anything", self.id)
-    }
-}
-
-/// Creates a REST API whose `ANY /{proxy+}` needs a key and forwards to `upstream`, and
-/// deploys it to stage `prod`.
-fn create_api(addr: SocketAddr, upstream: &Upstream, name: &str) -> Result<Api> {
-    let api = admin_ok(addr, "POST", "/restapis", Some(&json!({"name": name})))?;
-    let id = api["id"].as_str().context("api id")?.to_owned();
-    let root = api["rootResourceId"]
-        .as_str()
-        .context("rootResourceId")?
-        .to_owned();
-    let proxy = admin_ok(
-        addr,
-        "POST",
-        &format!("/restapis/{id}/resources/{root}"),
-        Some(&json!({"pathPart": "{proxy+}"})),
-    )?;
-    let proxy = proxy["id"].as_str().context("resource id")?.to_owned();
-    let method = format!("/restapis/{id}/resources/{proxy}/methods/ANY");
-    admin_ok(
-        addr,
-        "PUT",
-        &method,
-        Some(&json!({"authorizationType": "NONE", "apiKeyRequired": true})),
-    )?;
-    admin_ok(
-        addr,
-        "PUT",
-        &format!("{method}/integration"),
-        Some(&json!({
-            "type": "HTTP_PROXY",
-            "httpMethod": "ANY",
-            "uri": format!("http://{}/{{proxy}}", upstream.addr),
-        })),
-    )?;
-    admin_ok(
-        addr,
-        "POST",
-        &format!("/restapis/{id}/deployments"),
-        Some(&json!({"stageName": "prod"})),
-    )?;
-    Ok(Api { id, root, proxy })
-}
-
 /// Creates a usage plan on `api`'s `prod` stage; returns its id.
 fn create_plan(
     addr: SocketAddr,
-    api: &Api,
+    api: &ProxyApi,
     name: &str,
     (rate, burst): (f64, i64),
     daily_quota: Option<i64>,
@@ -177,7 +122,7 @@ fn used_today(addr: SocketAddr, plan: &str, key: &str) -> Result<u64> {
 /// Every admin read that shows the configuration, as (path, answer).
 fn snapshot(
     addr: SocketAddr,
-    api: &Api,
+    api: &ProxyApi,
     plan: &str,
     keys: &[&str],
 ) -> Result<Vec<(String, Value)>> {
@@ -226,7 +171,7 @@ fn restart_keeps_every_resource_and_todays_usage() -> Result<()> {
     let dir = state.path.join("state");
 
     let mut gw = start(&dir)?;
-    let api = create_api(gw.admin, &upstream, "persisted")?;
+    let api = create_proxy_api(gw.admin, &upstream, "persisted")?;
     // Beyond the basics, settings of every kind the admin API keeps: stage throttles and
     // variables, the account throttle, a plan's per-method throttle, descriptions, tags.
     let patch = |ops: Value| json!({ "patchOperations": ops });
@@ -365,7 +310,7 @@ fn kill_9_under_load_loses_at_most_one_flush_interval() -> Result<()> {
     let dir = state.path.join("state");
 
     let mut gw = start(&dir)?;
-    let api = create_api(gw.admin, &upstream, "loaded")?;
+    let api = create_proxy_api(gw.admin, &upstream, "loaded")?;
     let plan = create_plan(
         gw.admin,
         &api,
@@ -528,7 +473,7 @@ fn admin_changes_reach_the_data_plane_within_one_second() -> Result<()> {
     let dir = state.path.join("state");
 
     let mut gw = start(&dir)?;
-    let api = create_api(gw.admin, &upstream, "live")?;
+    let api = create_proxy_api(gw.admin, &upstream, "live")?;
     let plan = create_plan(gw.admin, &api, "live-plan", (1_000.0, 1_000), None)?;
     let key_a = create_key(gw.admin, &plan, "a", KEY_A)?;
     create_key(gw.admin, &plan, "b", KEY_B)?;
@@ -637,7 +582,7 @@ fn second_gateway_on_a_state_dir_in_use_refuses_to_start() -> Result<()> {
     let state = TempDir::new("persist-lock")?;
     let dir = state.path.join("state");
     let mut first = start(&dir)?;
-    let api = create_api(first.admin, &upstream, "locked")?;
+    let api = create_proxy_api(first.admin, &upstream, "locked")?;
     let plan = create_plan(first.admin, &api, "locked-plan", (100.0, 100), None)?;
     create_key(first.admin, &plan, "lock", KEY)?;
 

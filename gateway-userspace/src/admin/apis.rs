@@ -1,10 +1,14 @@
 //! What plans apply to: REST APIs, resources, methods, integrations, deployments, stages and
 //! the account throttle.
 //!
+//! Deployments work as on AWS: CreateDeployment stores a snapshot of the API's resources,
+//! methods and integrations and points the stage (created when missing) at it; CreateStage and
+//! UpdateStage `replace /deploymentId` point a stage at an existing snapshot. A stage serves the
+//! snapshot of its deployment, so resource, method and integration changes reach it only when it
+//! is redeployed, while GetResources, GetMethod and GetIntegration show the live (undeployed)
+//! definitions. Stage settings (method throttles, variables) take effect at once, as on AWS.
+//!
 //! Choices where this gateway differs from AWS (documented in README):
-//! - Stages serve the API's current resources and methods: a method or integration change takes
-//!   effect at once, without CreateDeployment. CreateDeployment records a deployment and points
-//!   the stage (created when missing) at it.
 //! - Only `HTTP_PROXY`, `HTTP` (forwarded like `HTTP_PROXY`) and `MOCK` integrations exist.
 //! - Stage method settings keep throttling only; other settings (metrics, logging, caching) are
 //!   refused with 400 rather than silently dropped.
@@ -694,10 +698,13 @@ pub fn create_deployment(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, Ap
             ));
         }
         let id = new_id(6, |id| a.deployments.iter().any(|d| d.id == id));
+        // The stage serves this snapshot until it is redeployed; GetResources and GetMethod
+        // keep showing the live definitions.
         let d = Deployment {
             id: id.clone(),
             description: body.description,
             created_date: Some(now),
+            resources: a.resources.clone(),
         };
         a.deployments.push(d.clone());
         if let Some(name) = body.stage_name.filter(|n| !n.is_empty()) {
@@ -1006,4 +1013,102 @@ pub fn update_account(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
         Ok(*t)
     })?;
     Ok(Reply::ok(account_json(&account)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::control::Control;
+    use crate::engine::Engine;
+    use crate::metrics::Metrics;
+    use crate::store::MemoryStore;
+
+    fn ctx(model: Model) -> Ctx {
+        let engine = Engine::new(
+            model,
+            Arc::new(MemoryStore::new()),
+            Arc::new(FakeClock::new(1_700_000_000_000_000_000)),
+        )
+        .expect("valid model");
+        Ctx {
+            control: Arc::new(Control::new(Arc::new(engine), None)),
+            metrics: Arc::new(Metrics::new()),
+            credentials: None,
+        }
+    }
+
+    fn req(body: Value) -> Req {
+        Req {
+            method: http::Method::POST,
+            segments: Vec::new(),
+            query: Vec::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    fn body(r: Result<Reply, ApiError>) -> Value {
+        match r {
+            Ok(reply) => reply.body.unwrap_or(Value::Null),
+            Err(_) => panic!("the call must succeed"),
+        }
+    }
+
+    fn key_required(ctx: &Ctx) -> bool {
+        ctx.control
+            .engine()
+            .resolve(Some("a1"), "prod", "GET", "/pets")
+            .expect("route")
+            .api_key_required
+    }
+
+    #[test]
+    fn deployments_snapshot_the_resources_and_reads_show_the_live_ones() {
+        let api = RestApi::new("a1", "pets").method("/pets", "GET", Method::mock());
+        let rid = api.resources[0].id.clone();
+        let ctx = ctx(Model::new().api(api));
+
+        let d1 = body(create_deployment(
+            &ctx,
+            &req(json!({"stageName": "prod"})),
+            "a1",
+        ));
+        let patch = json!({"patchOperations": [
+            {"op": "replace", "path": "/apiKeyRequired", "value": "true"}
+        ]});
+        body(update_method(&ctx, &req(patch), "a1", &rid, "GET"));
+
+        // GetMethod shows the live definition; the stage still serves the deployed one.
+        let live = body(get_method(&ctx, "a1", &rid, "GET"));
+        assert_eq!(live["apiKeyRequired"], true);
+        assert!(!key_required(&ctx));
+        let m = ctx.control.model();
+        let deployed = &m.rest_apis[0].deployments[0];
+        assert_eq!(deployed.id, d1["id"]);
+        assert!(!deployed.resources[0].resource_methods["GET"].api_key_required);
+
+        // Redeploying switches the stage; the listing carries no snapshot.
+        body(create_deployment(
+            &ctx,
+            &req(json!({"stageName": "prod"})),
+            "a1",
+        ));
+        assert!(key_required(&ctx));
+        let list = body(list_deployments(&ctx, &req(Value::Null), "a1"));
+        let items = list["item"].as_array().expect("items");
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(|d| d.get("resources").is_none()));
+
+        // Pointing the stage back at the first deployment rolls the method back.
+        let back = json!({"patchOperations": [
+            {"op": "replace", "path": "/deploymentId", "value": d1["id"]}
+        ]});
+        body(update_stage(&ctx, &req(back), "a1", "prod"));
+        assert!(!key_required(&ctx));
+    }
 }
