@@ -3,7 +3,7 @@
 //!
 //! [`FleetStore`] implements [`UsageStore`] (the contract of [`crate::store`], with
 //! [`crate::store::MemoryStore`] as the oracle of the tests) and [`ConfigStore`]. [`Watcher`]
-//! keeps every node's engine on the latest configuration.
+//! keeps every node's engine on the latest configuration and on the live node count.
 //!
 //! # Layout in Redis
 //!
@@ -18,6 +18,7 @@
 //! | `gateway:u:{plan␟key}:d` | hash | day records: `u<day>` used, `a<day>` allowance set that day |
 //! | `gateway:u:plans` | set | plan ids with usage |
 //! | `gateway:u:{plan}:keys` | set | key ids with usage in the plan |
+//! | `gateway:nodes` | sorted set | node id → Unix ms of its last heartbeat (Redis's clock) |
 //!
 //! The `{…}` parts are Redis Cluster hash tags: the configuration lives in one slot (a save is
 //! one atomic script), and each (plan, key) has its counters in one slot (an increment is one
@@ -47,8 +48,22 @@
 //! the engine has already counted the requests locally, and the outbox is replayed when Redis
 //! answers again. The outbox holds at most [`FleetOptions::max_pending`] distinct entries
 //! (about 100 bytes each); increments of new entries beyond that are dropped and counted in
-//! `gateway_store_dropped_requests_total`. A pipeline cut mid-way may be sent again, so an
-//! outage can over-count a key (never under-count).
+//! `gateway_store_dropped_requests_total`. Each send is a numbered batch; a batch whose answer
+//! was lost (a timeout, a cut connection) stays in flight and is resent unchanged under the same
+//! number before anything else, and Redis recognises a resend (the days hash remembers the last
+//! batch applied per day, period and node), so an outage neither loses nor double-counts
+//! usage. At most one batch is in flight besides the outbox.
+//!
+//! # Throttles
+//!
+//! Token buckets stay local (the request path never waits for Redis); each node takes its share
+//! of every throttle instead. Every node heartbeats into `gateway:nodes` once a second; nodes
+//! heard from in the last [`LIVE_WINDOW`] are live, the others are pruned, and a node leaving
+//! cleanly removes itself. The live count `N` is handed to [`Control::set_nodes`], which runs
+//! the engine on the configuration with every throttle divided by `N`. A higher count applies at
+//! once; a lower one only when two heartbeats in a row saw it, so one heartbeat that finds the
+//! others pruned (right after Redis comes back, say) does not raise every node's share. While
+//! Redis is unreachable the last count stays.
 //!
 //! Every Redis call is bounded by [`FleetOptions::timeout`] (connect, read and write), so no
 //! flush, admin call or start-up waits longer on a dead or hung Redis.
@@ -86,6 +101,12 @@ const VERSION: &str = "gateway:{cfg}:version";
 const META: &str = "gateway:{cfg}:meta";
 const CHANNEL: &str = "gateway:{cfg}:changes";
 const PLANS: &str = "gateway:u:plans";
+const NODES: &str = "gateway:nodes";
+
+/// How often a node announces itself in `gateway:nodes`.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose last heartbeat is older than this no longer counts as live.
+pub const LIVE_WINDOW: Duration = Duration::from_secs(3);
 
 /// What a node does about keyed requests while the shared store is unreachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -194,6 +215,7 @@ pub struct Health {
     dropped: AtomicU64,
     version: AtomicU64,
     reloads: AtomicU64,
+    nodes: AtomicU64,
 }
 
 impl Health {
@@ -207,6 +229,7 @@ impl Health {
             dropped: AtomicU64::new(0),
             version: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
+            nodes: AtomicU64::new(1),
         }
     }
 
@@ -240,6 +263,11 @@ impl Health {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Live gateways this node divides its throttles by (1 until the first heartbeat).
+    pub fn nodes(&self) -> u64 {
+        self.nodes.load(Ordering::Relaxed)
+    }
+
     fn succeeded(&self, store: &str) {
         if !self.up.swap(true, Ordering::AcqRel) {
             tracing::info!(
@@ -269,7 +297,7 @@ pub struct HealthMetrics(pub Arc<Health>);
 impl Collector for HealthMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let h = &self.0;
-        let gauges: [(&str, &str, i64); 3] = [
+        let gauges: [(&str, &str, i64); 4] = [
             (
                 "store_up",
                 "1 while the shared store answers",
@@ -284,6 +312,11 @@ impl Collector for HealthMetrics {
                 "config_version",
                 "Configuration version this node serves",
                 i64::try_from(h.config_version()).unwrap_or(i64::MAX),
+            ),
+            (
+                "fleet_nodes",
+                "Live gateways sharing the store; this node's throttles are divided by it",
+                i64::try_from(h.nodes()).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {
@@ -615,11 +648,25 @@ fn now_secs() -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// KEYS: period hash, days hash. ARGV: day, period start, count, period expiry (Unix s), day
-/// records' TTL (s). Returns the period total after the increment (the count alone for a delta
-/// of an older period), as the reference store does.
+/// records' TTL (s), node id, batch id. Returns the period total after the increment (the count
+/// alone for a delta of an older period), as the reference store does.
+///
+/// Exactly once: the days hash remembers, per (day, period, node), the last batch id applied.
+/// A batch whose answer was lost (a timeout) is resent unchanged under the same id, and the
+/// resend is recognised and not counted again. Batch ids of a node only grow.
 const ADD_LUA: &str = r"
 local ps = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local mark = 'b' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[6]
+local seen = tonumber(redis.call('HGET', KEYS[2], mark) or '0')
+if seen >= tonumber(ARGV[7]) then
+  local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+  if start == ps then
+    return tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+  end
+  return n
+end
+redis.call('HSET', KEYS[2], mark, ARGV[7])
 redis.call('HINCRBY', KEYS[2], 'u' .. ARGV[1], n)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
@@ -678,10 +725,25 @@ redis.call('PUBLISH', ARGV[i], nv)
 return {1, nv}
 ";
 
+/// KEYS: the node set. ARGV: node id, live window (ms). Records the node's heartbeat at
+/// Redis's time (so the nodes' clocks do not matter), prunes nodes silent for longer than the
+/// window and returns how many are left. The set expires when every node is gone.
+const HEARTBEAT_LUA: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - window))
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return redis.call('ZCARD', KEYS[1])
+";
+
 struct Scripts {
     add: Script,
     allowance: Script,
     save: Script,
+    heartbeat: Script,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -714,6 +776,8 @@ fn period_expiry(period_start: u32) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 type OutboxKey = (String, String, u32, u32);
+/// A numbered batch of increments: (batch id, entries).
+type Batch = (u64, Vec<(OutboxKey, u64)>);
 
 /// The Redis-backed usage and configuration store of a fleet. Cheap to share with `Arc`.
 pub struct FleetStore {
@@ -722,9 +786,18 @@ pub struct FleetStore {
     health: Arc<Health>,
     usage: Link,
     config: Link,
+    /// Heartbeats, on their own connection so that they never wait behind a save or a flush.
+    presence: Link,
+    /// This process's member of `gateway:nodes`.
+    node_id: String,
     scripts: Scripts,
-    /// Increments not yet acknowledged by Redis, coalesced.
+    /// Increments not yet sent to Redis, coalesced.
     outbox: Mutex<HashMap<OutboxKey, u64>>,
+    /// A batch sent whose outcome is unknown (the call failed or timed out): resent unchanged,
+    /// under the same id, before anything else, so that Redis counts it exactly once.
+    in_flight: Mutex<Option<Batch>>,
+    /// Id of the next batch (grows for the life of the process; the node id is per process).
+    next_batch: AtomicU64,
     /// (plan, key) pairs this process has put in the usage index.
     indexed: Mutex<HashSet<(String, String)>>,
     /// Configuration version of the model the engine runs (0: nothing stored).
@@ -748,6 +821,8 @@ impl FleetStore {
         let store = FleetStore {
             usage: Link::new(endpoint.clone(), options.timeout, health.clone()),
             config: Link::new(endpoint.clone(), options.timeout, health.clone()),
+            presence: Link::new(endpoint.clone(), options.timeout, health.clone()),
+            node_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
             endpoint,
             options,
             health,
@@ -755,8 +830,11 @@ impl FleetStore {
                 add: Script::new(ADD_LUA),
                 allowance: Script::new(ALLOWANCE_LUA),
                 save: Script::new(SAVE_LUA),
+                heartbeat: Script::new(HEARTBEAT_LUA),
             },
             outbox: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(None),
+            next_batch: AtomicU64::new(1),
             indexed: Mutex::new(HashSet::new()),
             known: Mutex::new(0),
         };
@@ -974,33 +1052,55 @@ impl FleetStore {
         known.extend(fresh);
     }
 
-    /// Sends the outbox; on success empties it and returns each entry's period total.
-    /// Entries of `batch` go first and in its order, so each total is the running total the
-    /// reference store returns.
+    /// Sends the batch left in flight by a failed send (unchanged, same id), then the outbox as
+    /// a new batch; returns each sent entry's period total. Entries of `batch` go first and in
+    /// its order, so each total is the running total the reference store returns. On an error
+    /// the unsent batch stays in flight for the next call.
     fn send_outbox(&self, batch: &[UsageDelta]) -> RedisResult<HashMap<OutboxKey, u64>> {
+        let mut totals = HashMap::new();
+        let pending = lock(&self.in_flight).clone();
+        if let Some((id, entries)) = pending {
+            totals.extend(self.send_batch(id, &entries)?);
+            *lock(&self.in_flight) = None;
+        }
         let entries: Vec<(OutboxKey, u64)> = {
-            let outbox = lock(&self.outbox);
-            let mut seen = HashSet::with_capacity(batch.len());
+            let mut outbox = lock(&self.outbox);
             let mut entries = Vec::with_capacity(outbox.len());
             for d in batch {
                 let k = (d.plan_id.clone(), d.key_id.clone(), d.day, d.period_start);
-                if let Some(&n) = outbox.get(&k)
-                    && seen.insert(k.clone())
-                {
+                if let Some(n) = outbox.remove(&k) {
                     entries.push((k, n));
                 }
             }
-            entries.extend(
-                outbox
-                    .iter()
-                    .filter(|(k, _)| !seen.contains(*k))
-                    .map(|(k, v)| (k.clone(), *v)),
-            );
+            entries.extend(outbox.drain());
+            self.health.pending.store(0, Ordering::Relaxed);
             entries
         };
         if entries.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(totals);
         }
+        let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        let count = entries.len() as u64;
+        *lock(&self.in_flight) = Some((id, entries.clone()));
+        match self.send_batch(id, &entries) {
+            Ok(sent) => {
+                totals.extend(sent);
+                *lock(&self.in_flight) = None;
+                Ok(totals)
+            }
+            Err(e) => {
+                self.health.pending.store(count, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// One pipelined batch of increments under batch id `id`.
+    fn send_batch(
+        &self,
+        id: u64,
+        entries: &[(OutboxKey, u64)],
+    ) -> RedisResult<HashMap<OutboxKey, u64>> {
         let pairs: Vec<(&str, &str)> = entries
             .iter()
             .map(|((p, k, _, _), _)| (p.as_str(), k.as_str()))
@@ -1008,7 +1108,8 @@ impl FleetStore {
         let (mut calls, fresh) = self.index_calls(&pairs);
         let first = calls.len();
         let days_ttl = (HISTORY_DAYS * DAY_SECS).to_string();
-        for ((plan, key, day, start), count) in &entries {
+        let batch_id = id.to_string();
+        for ((plan, key, day, start), count) in entries {
             calls.push(Call::Script {
                 script: &self.scripts.add,
                 keys: vec![period_key(plan, key), days_key(plan, key)],
@@ -1018,29 +1119,18 @@ impl FleetStore {
                     count.to_string(),
                     period_expiry(*start).to_string(),
                     days_ttl.clone(),
+                    self.node_id.clone(),
+                    batch_id.clone(),
                 ],
             });
         }
         let values = self.usage.run(|c| run_calls(c, &calls))?;
         self.remember_indexed(fresh);
-        let mut totals = HashMap::with_capacity(entries.len());
-        {
-            let mut outbox = lock(&self.outbox);
-            for ((k, sent), v) in entries.into_iter().zip(&values[first..]) {
-                // Increments that arrived while the pipeline ran stay for the next send.
-                if let Some(left) = outbox.get_mut(&k) {
-                    *left = left.saturating_sub(sent);
-                    if *left == 0 {
-                        outbox.remove(&k);
-                    }
-                }
-                totals.insert(k, as_u64(v).unwrap_or(sent));
-            }
-            self.health
-                .pending
-                .store(outbox.len() as u64, Ordering::Relaxed);
-        }
-        Ok(totals)
+        Ok(entries
+            .iter()
+            .zip(&values[first..])
+            .map(|((k, sent), v)| (k.clone(), as_u64(v).unwrap_or(*sent)))
+            .collect())
     }
 }
 
@@ -1223,12 +1313,16 @@ impl UsageStore for FleetStore {
                     totals.get(&k).copied().unwrap_or(d.count)
                 })
                 .collect()),
-            Err(e) if is_outage(&e) => {
-                tracing::debug!(error = %e, "usage kept in the outbox for the next flush");
-                // The engine counted these requests already; the outbox owns them now.
+            Err(e) => {
+                if is_outage(&e) {
+                    tracing::debug!(error = %e, "usage kept for the next flush");
+                } else {
+                    tracing::warn!(error = %e, "usage store refused a batch; it is kept for the next flush");
+                }
+                // The engine counted these requests already; the outbox (or the batch in
+                // flight) owns them now, so the engine must not hand them over again.
                 Ok(batch.iter().map(|d| d.count).collect())
             }
-            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", self.name()))),
         }
     }
 
@@ -1418,16 +1512,21 @@ impl ConfigStore for FleetStore {
 // ---------------------------------------------------------------------------------------------
 
 /// Keeps a node's configuration current: listens for the change notifications and checks the
-/// version every second (and after every reconnect), reloading when it moved. Stops when
-/// dropped (within a second).
+/// version every second (and after every reconnect), reloading when it moved; and heartbeats
+/// every [`HEARTBEAT`], keeping the engine's throttles divided by the live node count. Stops
+/// when dropped (within a second), taking the node out of the live count (one Redis call,
+/// bounded by the store timeout).
 #[derive(Debug)]
 pub struct Watcher {
     stop: Arc<AtomicBool>,
+    store: Arc<FleetStore>,
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        // Set before the removal: a heartbeat that has not started by then will not re-add us.
+        self.stop.store(true, Ordering::SeqCst);
+        self.store.leave();
     }
 }
 
@@ -1435,18 +1534,89 @@ impl Drop for Watcher {
 const POLL: Duration = Duration::from_secs(1);
 
 impl FleetStore {
-    /// Starts the watcher thread that applies other nodes' changes to `control`'s engine.
+    /// Starts the watcher threads: one applies other nodes' changes to `control`'s engine, one
+    /// heartbeats and keeps `control`'s node count current.
     pub fn watch(self: &Arc<Self>, control: Arc<Control>) -> Watcher {
         let stop = Arc::new(AtomicBool::new(false));
-        let store = Arc::clone(self);
-        let flag = Arc::clone(&stop);
+        let (store, flag, ctl) = (Arc::clone(self), Arc::clone(&stop), Arc::clone(&control));
         let spawned = std::thread::Builder::new()
             .name("config-watch".into())
-            .spawn(move || store.listen(&control, &flag));
+            .spawn(move || store.listen(&ctl, &flag));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the configuration watcher");
         }
-        Watcher { stop }
+        let (store, flag) = (Arc::clone(self), Arc::clone(&stop));
+        let spawned = std::thread::Builder::new()
+            .name("fleet-presence".into())
+            .spawn(move || store.announce(&control, &flag));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the heartbeat; throttles stay per node");
+        }
+        Watcher {
+            stop,
+            store: Arc::clone(self),
+        }
+    }
+
+    /// Records this node's heartbeat; returns the live node count, or `None` when Redis did
+    /// not answer or the watcher is stopping.
+    fn heartbeat(&self, stop: &AtomicBool) -> Option<u32> {
+        let call = Call::Script {
+            script: &self.scripts.heartbeat,
+            keys: vec![NODES.to_string()],
+            args: vec![self.node_id.clone(), LIVE_WINDOW.as_millis().to_string()],
+        };
+        // Checked under the connection's lock, which `leave` takes too: no heartbeat lands
+        // after the removal.
+        let reply = self.presence.run(|c| {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            call.run_alone(c.like()).map(Some)
+        });
+        match reply {
+            Ok(Some(v)) => as_u64(&v).map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "heartbeat failed; keeping the last node count");
+                None
+            }
+        }
+    }
+
+    /// Takes this node out of the live count.
+    fn leave(&self) {
+        let removed = self.presence.run(|c| {
+            redis::cmd("ZREM")
+                .arg(NODES)
+                .arg(&self.node_id)
+                .query::<i64>(c.like())
+        });
+        if let Err(error) = removed {
+            tracing::debug!(%error, "could not leave the live node count; it expires in 3 s");
+        }
+    }
+
+    fn announce(&self, control: &Control, stop: &AtomicBool) {
+        // The count of the previous heartbeat: a lower count applies only once seen twice.
+        let mut previous = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            if let Some(seen) = self.heartbeat(stop) {
+                let nodes = next_node_count(previous, seen);
+                previous = seen;
+                self.health.nodes.store(u64::from(nodes), Ordering::Relaxed);
+                match control.set_nodes(nodes) {
+                    Ok(true) => tracing::info!(
+                        nodes,
+                        "live gateways changed; throttles are divided by the new count"
+                    ),
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(%error, nodes, "cannot apply the node count"),
+                }
+            }
+            std::thread::sleep(HEARTBEAT.saturating_sub(started.elapsed()));
+        }
     }
 
     fn listen(&self, control: &Control, stop: &AtomicBool) {
@@ -1474,6 +1644,13 @@ impl FleetStore {
             std::thread::sleep(POLL);
         }
     }
+}
+
+/// The node count to divide throttles by after a heartbeat that saw `seen` live nodes, when
+/// the one before saw `previous` (0: none before): the higher of the two, so a rise applies at
+/// once and a fall only when two heartbeats in a row agree. At least 1.
+fn next_node_count(previous: u32, seen: u32) -> u32 {
+    previous.max(seen).max(1)
 }
 
 fn catch_up(control: &Control) {
@@ -1781,6 +1958,45 @@ mod tests {
         let mut args = Vec::new();
         diff_rows(&old, &[k("b")], 5 << 32, false, &mut args).expect("diff");
         assert_eq!(args, ["0", "1", "a", "0"]);
+    }
+
+    #[test]
+    fn heartbeats_count_live_nodes_and_leaving_uncounts() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let (a, b) = (open(&redis), open(&redis));
+        let running = AtomicBool::new(false);
+        assert_eq!(a.heartbeat(&running), Some(1));
+        assert_eq!(b.heartbeat(&running), Some(2));
+        assert_eq!(a.heartbeat(&running), Some(2));
+        b.leave();
+        assert_eq!(a.heartbeat(&running), Some(1));
+        // A stopped watcher no longer announces the node.
+        assert_eq!(b.heartbeat(&AtomicBool::new(true)), None);
+        assert_eq!(a.heartbeat(&running), Some(1));
+        // A node silent for longer than the window is pruned.
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut c = client.get_connection().expect("connect");
+        redis::cmd("ZADD")
+            .arg(NODES)
+            .arg(1)
+            .arg("long-gone")
+            .exec(&mut c)
+            .expect("zadd");
+        assert_eq!(a.heartbeat(&running), Some(1));
+    }
+
+    #[test]
+    fn node_count_rises_at_once_and_falls_when_seen_twice() {
+        assert_eq!(next_node_count(0, 0), 1);
+        assert_eq!(next_node_count(0, 3), 3);
+        assert_eq!(next_node_count(1, 3), 3);
+        // One heartbeat that finds the others pruned (Redis just came back) changes nothing.
+        assert_eq!(next_node_count(3, 1), 3);
+        assert_eq!(next_node_count(1, 1), 1);
+        assert_eq!(next_node_count(3, 2), 3);
+        assert_eq!(next_node_count(2, 2), 2);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - Redis hanging mid-load (SIGSTOP): with `--store-failure local` every node keeps answering
 //!   at once and the counts reconcile when Redis resumes; with `closed` keyed requests get 503
 //!   within the store timeout, and 200 again when it resumes.
+//! - A plan throttle of 30 req/s, burst 30, holds fleet-wide: one key hammered round-robin over
+//!   the three nodes for 3 s gets about `burst + rate × T` admitted, not three times that
+//!   (each node enforces its share, `rate / live nodes`).
 
 use std::{
     net::SocketAddr,
@@ -15,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use gateway_tests::{
-    Gateway, KeepAlive, RedisServer, Upstream, admin_ok, create_proxy_api, utc_today,
+    Gateway, KeepAlive, RedisServer, Upstream, admin_ok, create_proxy_api, curl, metric, utc_today,
 };
 use serde_json::json;
 
@@ -47,13 +50,23 @@ fn start_node(redis: &RedisServer, failure: &str) -> Result<Gateway> {
 }
 
 fn create_plan(addr: SocketAddr, api: &str, daily_quota: i64) -> Result<String> {
+    create_throttled_plan(addr, api, daily_quota, 5000.0, 5000)
+}
+
+fn create_throttled_plan(
+    addr: SocketAddr,
+    api: &str,
+    daily_quota: i64,
+    rate: f64,
+    burst: i64,
+) -> Result<String> {
     let plan = admin_ok(
         addr,
         "POST",
         "/usageplans",
         Some(&json!({
             "name": "fleet",
-            "throttle": {"rateLimit": 5000.0, "burstLimit": 5000},
+            "throttle": {"rateLimit": rate, "burstLimit": burst},
             "quota": {"limit": daily_quota, "period": "DAY"},
             "apiStages": [{"apiId": api, "stage": "prod"}],
         })),
@@ -117,6 +130,7 @@ fn wait_for(
 struct Fleet {
     _upstream: Upstream,
     nodes: Vec<Gateway>,
+    api: String,
     path: String,
     plan: String,
 }
@@ -137,6 +151,7 @@ fn fleet(test: &str, failure: &str, daily_quota: i64) -> Result<Option<(Fleet, R
     let fleet = Fleet {
         _upstream: upstream,
         nodes,
+        api,
         path,
         plan,
     };
@@ -335,5 +350,100 @@ fn hung_store_in_closed_mode_refuses_keyed_requests() -> Result<()> {
     }
     eprintln!("fleet: slowest 503 while Redis hung (closed mode): {slowest:?}");
     ensure!(slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300));
+    Ok(())
+}
+
+/// Waits until `node` counts `want` live gateways (`gateway_fleet_nodes`, the count its
+/// throttles are divided by).
+fn wait_for_nodes(node: &Gateway, want: u64, limit: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let (status, text) = curl(None, &[&format!("http://{}/metrics", node.admin)])?;
+        let seen = metric(&text, "gateway_fleet_nodes");
+        if status == 200 && seen == Some(want) {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "node {} counts {seen:?} live gateways after {limit:?}, want {want}",
+            node.admin
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn plan_throttle_holds_across_three_nodes() -> Result<()> {
+    const RATE: f64 = 30.0;
+    const BURST: i64 = 30;
+    /// How long the key is hammered.
+    const RUN: Duration = Duration::from_secs(3);
+    let Some((mut f, _redis)) = fleet("fleet throttle", "local", 1_000_000)? else {
+        return Ok(());
+    };
+    // Heartbeats every second; a new node counts at the next heartbeat of each node.
+    let mut joined = Duration::ZERO;
+    for node in &f.nodes {
+        joined = joined.max(wait_for_nodes(node, 3, Duration::from_secs(5))?);
+    }
+    let plan = create_throttled_plan(f.nodes[0].admin, &f.api, 1_000_000, RATE, BURST)?;
+    let value = "fleet-throttle-key-0123456789";
+    create_key(f.nodes[0].admin, &plan, value)?;
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
+    }
+    // Let the three probes' tokens come back: every bucket starts full.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut clients: Vec<KeepAlive> = f.nodes.iter().map(|n| KeepAlive::new(n.data)).collect();
+    let mut per_node = vec![0u64; clients.len()];
+    let (mut sent, mut admitted) = (0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed() < RUN {
+        for (client, count) in clients.iter_mut().zip(&mut per_node) {
+            let (status, body) = client.get(&f.path, Some(value))?;
+            sent += 1;
+            match status {
+                200 => {
+                    admitted += 1;
+                    *count += 1;
+                }
+                429 => {}
+                other => anyhow::bail!("{other}: {body}"),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let ideal = BURST as f64 + RATE * elapsed.as_secs_f64();
+    let (low, high) = (0.75 * ideal, ideal * 1.15 + 3.0);
+    eprintln!(
+        "fleet: throttle {RATE} req/s burst {BURST} over 3 nodes, round-robin for {elapsed:?}: \
+         admitted {admitted} of {sent} (ideal burst + rate × T = {ideal:.0}, {:.2}× ideal; \
+         allowed {low:.0}..={high:.0}); per node {per_node:?}",
+        admitted as f64 / ideal
+    );
+    ensure!(
+        (low..=high).contains(&(admitted as f64)),
+        "admitted {admitted}, ideal {ideal:.0}, allowed {low:.0}..={high:.0}"
+    );
+
+    // A node that stops cleanly leaves the count at once; the others take the larger share
+    // after two heartbeats (not after the 3 s a silent node takes to expire).
+    let mut gone = f.nodes.pop().context("three nodes")?;
+    let status = gone.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "exit {status}: {}", gone.stderr());
+    let stopped = Instant::now();
+    for node in &f.nodes {
+        wait_for_nodes(
+            node,
+            2,
+            Duration::from_millis(3_000).saturating_sub(stopped.elapsed()),
+        )?;
+    }
+    eprintln!(
+        "fleet: every node counted 3 live gateways within {joined:?} of the set-up; 2 within {:?} \
+         of one stopping",
+        stopped.elapsed()
+    );
     Ok(())
 }
