@@ -355,6 +355,52 @@ fn hung_store_in_closed_mode_refuses_keyed_requests() -> Result<()> {
 
 /// Waits until `node` counts `want` live gateways (`gateway_fleet_nodes`, the count its
 /// throttles are divided by).
+#[test]
+fn hung_store_in_open_mode_waives_quota_until_it_returns() -> Result<()> {
+    let Some((f, redis)) = fleet("fleet outage open", "open", 3)? else {
+        return Ok(());
+    };
+    let value = "fleet-open-key-0123456789ab";
+    create_key(f.nodes[0].admin, &f.plan, value)?;
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
+    }
+    // Spend the daily quota of 3 (one request went to each node above); the fleet total
+    // reaches every node at its next flush.
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, value, 429, FLUSH_INTERVAL * 3)?;
+    }
+    redis.signal(libc::SIGSTOP)?;
+    // While the store is unreachable the quota cannot be checked fleet-wide: open mode
+    // serves the key's requests rather than refusing them.
+    let notice = FLUSH_INTERVAL + Duration::from_millis(STORE_TIMEOUT_MS) * 3;
+    for node in &f.nodes {
+        wait_for(
+            node.data,
+            &f.path,
+            value,
+            200,
+            notice + Duration::from_secs(1),
+        )?;
+    }
+    let (during, slowest) = load(&f, value, 10)?;
+    ensure!(during.iter().all(|&s| s == 200), "statuses {during:?}");
+    redis.signal(libc::SIGCONT)?;
+    // Back to enforcing: the quota is spent, so 429 Limit Exceeded again.
+    for node in &f.nodes {
+        wait_for(
+            node.data,
+            &f.path,
+            value,
+            429,
+            notice + Duration::from_secs(1),
+        )?;
+    }
+    eprintln!("fleet: slowest request while Redis hung (open mode): {slowest:?}");
+    ensure!(slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300));
+    Ok(())
+}
+
 fn wait_for_nodes(node: &Gateway, want: u64, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
     loop {
