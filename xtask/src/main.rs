@@ -1,8 +1,14 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
 //!
 //! `setup` installs what a fresh Linux machine lacks (idempotently, printing each step);
 //! `build` compiles the XDP object with nightly and embeds it in the `gateway` binary;
-//! `run` is setup + build + `gateway serve`; `test` is the whole CI gate.
+//! `run` is setup + build + `gateway serve`; `test` is the whole CI gate; `bench` measures
+//! the gateway against nginx and HAProxy and writes `bench/RESULTS.md`.
+
+mod bench;
+mod bench_peers;
+mod bench_report;
+mod load;
 
 use std::{
     ffi::OsString,
@@ -60,6 +66,17 @@ enum Task {
     },
     /// Setup, fmt check, clippy, unit/integration tests and the privileged XDP tests.
     Test,
+    /// Setup, install nginx and HAProxy, build (release) and run the benchmarks; writes
+    /// bench/RESULTS.md and the charts in bench/.
+    Bench(bench::Args),
+    /// The benchmarks' upstream: answers 200 to every request (used by `bench`).
+    #[command(hide = true)]
+    BenchUpstream {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,6 +99,8 @@ fn main() -> Result<()> {
             Err(error).with_context(|| format!("cannot run {}", binary.display()))
         }
         Task::Test => test(&root),
+        Task::Bench(args) => bench::main(&root, args),
+        Task::BenchUpstream { listen, threads } => load::upstream(listen, threads),
     }
 }
 

@@ -195,8 +195,18 @@ pub fn import(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     let (ids, warnings) = ctx.control.update(move |m| {
         let mut ids = Vec::new();
         let mut warnings = Vec::new();
+        // Lookups by value and id, built once: an import is linear in rows + stored keys.
+        let mut index = ImportIndex {
+            by_value: m
+                .api_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.value.clone(), i))
+                .collect(),
+            ids: m.api_keys.iter().map(|k| k.id.clone()).collect(),
+        };
         for row in rows {
-            match import_row(m, &row, now) {
+            match import_row(m, &mut index, &row, now) {
                 Ok(id) => ids.push(id),
                 Err(e) => warnings.push(format!("Line {}: {}", row.line, e.message)),
             }
@@ -276,8 +286,19 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Row>, ApiError> {
     Ok(rows)
 }
 
+/// Keys of the model being imported into, by value and by id.
+struct ImportIndex {
+    by_value: HashMap<String, usize>,
+    ids: std::collections::HashSet<String>,
+}
+
 /// Creates or updates the key of one row and adds it to the row's plans; all or nothing.
-fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> {
+fn import_row(
+    m: &mut Model,
+    index: &mut ImportIndex,
+    row: &Row,
+    now: i64,
+) -> Result<String, ModelError> {
     crate::plan::validate_api_key_value(&row.key)?;
     crate::plan::validate_api_key_name(Some(&row.name))?;
     crate::plan::validate_api_key_description(row.description.as_deref())?;
@@ -287,9 +308,10 @@ fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> 
     // Creation and memberships append; an update replaces one key. Undo exactly that on error.
     let (keys_len, members_len) = (m.api_keys.len(), m.usage_plan_keys.len());
     let mut previous = None;
-    let id = match m.api_keys.iter_mut().find(|k| k.value == row.key) {
-        Some(k) => {
-            previous = Some(k.clone());
+    let id = match index.by_value.get(&row.key) {
+        Some(&i) => {
+            let k = &mut m.api_keys[i];
+            previous = Some((i, k.clone()));
             k.name = Some(row.name.clone()).filter(|n| !n.is_empty());
             k.description = row.description.clone();
             k.enabled = row.enabled;
@@ -297,8 +319,8 @@ fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> 
             k.id.clone()
         }
         None => {
-            let id = new_id(10, |id| m.api_keys.iter().any(|k| k.id == id));
-            m.create_api_key(ApiKey {
+            let id = new_id(10, |id| index.ids.contains(id));
+            let key = ApiKey {
                 id: id.clone(),
                 value: row.key.clone(),
                 name: Some(row.name.clone()).filter(|n| !n.is_empty()),
@@ -307,10 +329,22 @@ fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> 
                 created_date: Some(now),
                 last_updated_date: Some(now),
                 ..ApiKey::default()
-            })?;
+            };
+            crate::plan::validate_api_key(&key)?;
+            m.api_keys.push(key);
             id
         }
     };
+    if previous.is_none() {
+        // A new key is in no plan yet: only the row's own plans can clash on a stage.
+        if let Err(e) = add_new_key_to_plans(m, &id, &row.plans) {
+            m.api_keys.truncate(keys_len);
+            return Err(e);
+        }
+        index.by_value.insert(row.key.clone(), keys_len);
+        index.ids.insert(id.clone());
+        return Ok(id);
+    }
     for plan in &row.plans {
         let member = UsagePlanKey {
             usage_plan_id: plan.clone(),
@@ -322,13 +356,40 @@ fn import_row(m: &mut Model, row: &Row, now: i64) -> Result<String, ModelError> 
         if let Err(e) = m.create_usage_plan_key(plan, &id) {
             m.usage_plan_keys.truncate(members_len);
             m.api_keys.truncate(keys_len);
-            if let Some(old) = previous
-                && let Some(k) = m.api_keys.iter_mut().find(|k| k.id == old.id)
-            {
-                *k = old;
+            if let Some((i, old)) = previous {
+                m.api_keys[i] = old;
             }
             return Err(e);
         }
     }
     Ok(id)
+}
+
+/// Adds a key that is in no plan to `plans` (each existing), refusing two plans that share
+/// an API stage ("one plan per key per stage") as CreateUsagePlanKey does.
+fn add_new_key_to_plans(m: &mut Model, id: &str, plans: &[String]) -> Result<(), ModelError> {
+    let mut stages: HashMap<(&str, &str), &str> = HashMap::new();
+    let mut unique: Vec<&String> = Vec::new();
+    for plan_id in plans {
+        if unique.contains(&plan_id) {
+            continue;
+        }
+        unique.push(plan_id);
+        let plan = m.usage_plan(plan_id)?;
+        for s in &plan.api_stages {
+            if let Some(other) = stages.insert((s.api_id.as_str(), s.stage.as_str()), plan_id) {
+                return Err(ModelError::conflict(format!(
+                    "Usage Plan {plan_id} cannot be added because API Key {id} cannot reference multiple Usage Plans with the same API Stage: {}:{} (also in {other})",
+                    s.api_id, s.stage
+                )));
+            }
+        }
+    }
+    for plan_id in unique {
+        m.usage_plan_keys.push(UsagePlanKey {
+            usage_plan_id: plan_id.clone(),
+            key_id: id.to_string(),
+        });
+    }
+    Ok(())
 }
