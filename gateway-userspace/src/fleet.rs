@@ -22,7 +22,10 @@
 //!
 //! The `{…}` parts are Redis Cluster hash tags: the configuration lives in one slot (a save is
 //! one atomic script), and each (plan, key) has its counters in one slot (an increment is one
-//! atomic script), so keys spread over the cluster. `␟` is U+001F.
+//! atomic script), so keys spread over the cluster. `␟` is U+001F. No script or command touches
+//! keys of two slots (no `CROSSSLOT`); on a cluster the calls of a batch go one by one instead
+//! of pipelined, and the change channel is subscribed on the URL's first node (a cluster
+//! delivers a `PUBLISH` to every node; the version poll covers that node being down).
 //!
 //! Lifetimes: a period counter expires 32 days after its period's first day (the longest
 //! period, a month, plus a day) plus one day of grace — or one day after its last write when

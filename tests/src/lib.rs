@@ -885,3 +885,155 @@ pub fn create_proxy_api(addr: SocketAddr, upstream: &Upstream, name: &str) -> Re
     )?;
     Ok(ProxyApi { id, root, proxy })
 }
+
+/// Whether `program --version` runs (the tool is installed).
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a Redis on `127.0.0.1:port` answers `PING`.
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A throwaway Redis Cluster of three masters (no replicas) on loopback, persistence off,
+/// its node files in a temp dir. Every server is killed by pid and the dir removed on drop.
+pub struct RedisCluster {
+    children: Vec<Child>,
+    /// Client ports of the three masters on 127.0.0.1 (each cluster bus is on port + 10000).
+    pub ports: Vec<u16>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Masters in the cluster.
+    const MASTERS: usize = 3;
+    /// Longest wait for the servers to answer and for the cluster to report `ok`.
+    const READY: Duration = Duration::from_secs(20);
+
+    /// Starts the servers, joins them with `redis-cli --cluster create` and waits until every
+    /// node reports `cluster_state:ok`. `Ok(None)` (skip, with a note) when `redis-server` or
+    /// `redis-cli` is not installed, an error instead with `GATEWAY_REQUIRE_TOOLS=1`.
+    pub fn start(test: &str) -> Result<Option<Self>> {
+        if let Some(missing) = ["redis-server", "redis-cli"]
+            .into_iter()
+            .find(|p| !installed(p))
+        {
+            let reason = format!("{missing} is not installed; run `cargo xtask setup`");
+            if tools_required() {
+                bail!("{test}: {reason} (GATEWAY_REQUIRE_TOOLS=1)");
+            }
+            eprintln!("{test}: skipped ({reason})");
+            return Ok(None);
+        }
+        let mut cluster = Self {
+            children: Vec::new(),
+            ports: Self::free_ports()?,
+            dir: TempDir::new("redis-cluster")?,
+        };
+        for port in cluster.ports.clone() {
+            let conf = cluster.dir.path.join(format!("nodes-{port}.conf"));
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(&conf)
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&cluster.dir.path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("cannot start redis-server")?;
+            cluster.children.push(child);
+        }
+        let deadline = Instant::now() + Self::READY;
+        for &port in &cluster.ports {
+            while !redis_answers(port) {
+                if Instant::now() > deadline {
+                    bail!("redis-server on port {port} did not answer PING");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        create.args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let (status, output) = run_bounded(&mut create, Self::READY)?;
+        if !status.success() {
+            bail!("redis-cli --cluster create failed ({status}):\n{output}");
+        }
+        for &port in &cluster.ports {
+            loop {
+                let (_, info) = run_bounded(
+                    Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]),
+                    Duration::from_secs(5),
+                )?;
+                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "Redis Cluster node {port} is not ok after {:?}:\n{info}",
+                        Self::READY
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(Some(cluster))
+    }
+
+    /// Three distinct free client ports whose bus ports (port + 10000) are free too.
+    fn free_ports() -> Result<Vec<u16>> {
+        // Held until all are chosen, so no port is picked twice.
+        let mut held = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..200 {
+            let client = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let port = client.local_addr()?.port();
+            let Some(bus) = port.checked_add(10_000) else {
+                continue;
+            };
+            if let Ok(bus) = std::net::TcpListener::bind(("127.0.0.1", bus)) {
+                ports.push(port);
+                held.push((client, bus));
+                if ports.len() == Self::MASTERS {
+                    return Ok(ports);
+                }
+            }
+        }
+        bail!("no free port pairs (PORT, PORT + 10000) on 127.0.0.1")
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`, the gateway's `--store` form.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // `dir` is removed after this, once no server writes to it.
+    }
+}
