@@ -266,14 +266,34 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// Whether a TCP payload starting with `head` (its first 8 bytes) begins an HTTP/1.x
-/// request: `GET `, `POST `, `PUT `, `DELETE `, `PATCH `, `HEAD ` or `OPTIONS `.
+/// Whether a TCP payload of `len` bytes whose first `min(len, 8)` bytes are `head` (the rest
+/// zero) may begin an HTTP/1.x request, so that a bound flow pays a token for it:
 ///
-/// A fixed-size compare (no loop, no division) so the XDP program can call it. Methods
-/// are case-sensitive (RFC 9110 §9.1), so lower case never matches.
+/// - it begins with a method token: `GET `, `POST `, `PUT `, `DELETE `, `PATCH `, `HEAD ` or
+///   `OPTIONS ` (case-sensitive, RFC 9110 §9.1);
+/// - it is shorter than the token and is its beginning (`GE`, `POST`): a client that splits
+///   its request head over several segments still pays for the request;
+/// - it begins with CR or LF: servers skip empty lines before a request line (RFC 9112 §2.2),
+///   so a client could otherwise hide a request start behind them.
+///
+/// The last two can also match a segment in the middle of a body; such a segment costs a
+/// token (never a drop while the key has tokens), which the sync's headroom absorbs.
+/// A fixed-size compare (no loop, no division) so the XDP program can call it.
 #[inline(always)]
-pub const fn is_request_start(head: [u8; 8]) -> bool {
+pub const fn is_request_start(head: [u8; 8], len: usize) -> bool {
+    if len == 0 {
+        return false;
+    }
+    if head[0] == b'\r' || head[0] == b'\n' {
+        return true;
+    }
     let word = u64::from_le_bytes(head);
+    // The bytes the segment has: a token is compared on its first `min(len, token)` bytes.
+    let have = if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * len)) - 1
+    };
     // Little-endian word of the method token (including its space), and how many of the
     // 8 bytes it spans.
     const fn token(bytes: &[u8]) -> (u64, u64) {
@@ -297,13 +317,16 @@ pub const fn is_request_start(head: [u8; 8]) -> bool {
     const PATCH: (u64, u64) = token(b"PATCH ");
     const DELETE: (u64, u64) = token(b"DELETE ");
     const OPTIONS: (u64, u64) = token(b"OPTIONS ");
-    word & GET.1 == GET.0
-        || word & PUT.1 == PUT.0
-        || word & POST.1 == POST.0
-        || word & HEAD.1 == HEAD.0
-        || word & PATCH.1 == PATCH.0
-        || word & DELETE.1 == DELETE.0
-        || word & OPTIONS.1 == OPTIONS.0
+    const fn starts(word: u64, have: u64, t: (u64, u64)) -> bool {
+        word & t.1 & have == t.0 & have
+    }
+    starts(word, have, GET)
+        || starts(word, have, PUT)
+        || starts(word, have, POST)
+        || starts(word, have, HEAD)
+        || starts(word, have, PATCH)
+        || starts(word, have, DELETE)
+        || starts(word, have, OPTIONS)
 }
 
 #[cfg(feature = "user")]
@@ -341,7 +364,27 @@ mod tests {
             b"HEAD / H",
             b"OPTIONS ",
         ] {
-            assert!(is_request_start(head(text)), "{text:?}");
+            assert!(is_request_start(head(text), text.len()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn split_heads_and_leading_empty_lines_still_count() {
+        for text in [
+            &b"G"[..],
+            b"GE",
+            b"GET",
+            b"POST",
+            b"OPTIO",
+            b"GET /",
+            b"\r\nGET / ",
+            b"\n",
+            b"\r\n\r\n\r\n\r\n",
+        ] {
+            assert!(is_request_start(head(text), text.len()), "{text:?}");
+        }
+        for text in [&b"X"[..], b"GX", b"ge", b"HTTP", b"{\"a\":1}"] {
+            assert!(!is_request_start(head(text), text.len()), "{text:?}");
         }
     }
 
@@ -351,7 +394,7 @@ mod tests {
             &b"get / HT"[..],
             b"GETX / H",
             b"GET/ HTT",
-            b"POS",
+            b"POSX",
             b"OPTIONS/",
             b"HTTP/1.1",
             b"\x16\x03\x01\x02\x00\x01\x00\x01",
@@ -359,7 +402,7 @@ mod tests {
             b"CONNECT ",
             b"",
         ] {
-            assert!(!is_request_start(head(text)), "{text:?}");
+            assert!(!is_request_start(head(text), text.len()), "{text:?}");
         }
     }
 

@@ -419,24 +419,38 @@ fn parse(ctx: &XdpContext) -> Result<Segment, Pass> {
     }
     let payload_len = ip.tcp_len - header_len;
     let payload_offset = ip.tcp_offset + header_len;
-    let request_start = payload_len >= HEAD_LEN && {
+    let request_start = payload_len > 0 && {
         let mut head = [0u8; HEAD_LEN];
-        // The helper checks the bounds itself, so variable offsets (IP options, extension
-        // headers, TCP options) need no packet-pointer proofs. A frame shorter than its IP
-        // length fails here.
-        // SAFETY: `head` is a writable buffer of exactly `HEAD_LEN` bytes.
+        // At most HEAD_LEN bytes; a shorter payload (a request head split over segments) is
+        // read whole. The helper checks the bounds itself, so variable offsets (IP options,
+        // extension headers, TCP options) need no packet-pointer proofs. A frame shorter than
+        // its IP length fails here.
+        let len = if payload_len < HEAD_LEN {
+            payload_len
+        } else {
+            HEAD_LEN
+        };
+        // The helper refuses a zero-sized read and the verifier must see `1..=HEAD_LEN` at the
+        // call. The compiler would drop a bounds check it can prove redundant, so the check
+        // runs on a value it cannot see through.
+        // SAFETY: reading a local through a reference to it.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > HEAD_LEN {
+            return Err(Pass::Malformed);
+        }
+        // SAFETY: `head` is a writable buffer of `HEAD_LEN` bytes and `len <= HEAD_LEN`.
         let loaded = unsafe {
             bpf_xdp_load_bytes(
                 ctx.ctx,
                 payload_offset as u32,
                 head.as_mut_ptr().cast::<c_void>(),
-                HEAD_LEN as u32,
+                len as u32,
             )
         };
         if loaded != 0 {
             return Err(Pass::Malformed);
         }
-        is_request_start(head)
+        is_request_start(head, len)
     };
     Ok(Segment {
         key: FlowKey {

@@ -493,6 +493,24 @@ fn fragments_and_other_traffic_pass_untouched() {
 // Segment kinds
 
 #[test]
+fn split_heads_and_leading_empty_lines_still_pay() {
+    let Some(program) = program("split_heads_and_leading_empty_lines_still_pay") else {
+        return;
+    };
+    let frame = Frame::v4();
+    bind(&program, &frame, 3, Some(per_second(3)));
+    // A client cannot slip past the bucket by sending the method in a segment of its own,
+    // splitting it, or putting empty lines (which servers skip) in front of it.
+    let evasions: [&[u8]; 3] = [b"GET ", b"GE", b"\r\nGET /prod/pets HTTP/1.1\r\n"];
+    for (i, payload) in (0u32..).zip(evasions) {
+        let request = frame.clone().seq(20_000 + i * 100).payload(payload);
+        expect(&program, &request, XdpAction::Pass, COUNTED);
+    }
+    let over = frame.clone().seq(21_000).payload(b"P");
+    expect(&program, &over, XdpAction::Drop, OVER_RATE);
+}
+
+#[test]
 fn only_request_starts_of_bound_flows_cost_tokens() {
     let Some(program) = program("only_request_starts_of_bound_flows_cost_tokens") else {
         return;
@@ -531,7 +549,7 @@ fn only_request_starts_of_bound_flows_cost_tokens() {
         .seq(5000)
         .payload(b"{\"name\":\"rex\",\"kind\":\"dog\"}");
     expect(&program, &continuation, XdpAction::Pass, PLAIN_PASS);
-    let short = frame.clone().seq(6000).payload(b"GET ");
+    let short = frame.clone().seq(6000).payload(b"rex\"}");
     expect(&program, &short, XdpAction::Pass, PLAIN_PASS);
     let lower_case = frame.clone().seq(6100).payload(b"get / HTTP/1.1\r\n\r\n");
     expect(&program, &lower_case, XdpAction::Pass, PLAIN_PASS);
