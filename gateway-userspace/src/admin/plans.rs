@@ -525,17 +525,21 @@ pub fn update_usage(ctx: &Ctx, req: &Req, plan_id: &str, key_id: &str) -> Result
     let m = ctx.control.model();
     m.usage_plan(plan_id)?;
     m.api_key(key_id)?;
+    // Every operation is checked before any is applied.
+    let mut remaining = Vec::with_capacity(ops.len());
     for op in &ops {
         match (op.op.as_str(), op.path.as_str()) {
             ("replace", "/remaining") => {
-                let remaining = u64::try_from(op.integer()?).map_err(|_| {
+                remaining.push(u64::try_from(op.integer()?).map_err(|_| {
                     ApiError::bad_request("The remaining quota must not be negative")
-                })?;
-                engine.set_remaining(plan_id, key_id, remaining)?;
+                })?);
             }
             ("replace", _) => return Err(op.invalid(&["/remaining"]).into()),
             _ => return Err(op.invalid(&[]).into()),
         }
+    }
+    for value in remaining {
+        engine.set_remaining(plan_id, key_id, value)?;
     }
     let today = time::OffsetDateTime::from_unix_timestamp(ctx.control.now_secs())
         .map(|t| t.date())

@@ -9,11 +9,7 @@ use rand::Rng;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::{
-    control::ControlError,
-    engine::EngineError,
-    plan::{ErrorKind, ModelError},
-};
+use crate::{control::ControlError, engine::EngineError, plan::ModelError};
 
 /// Default page size of list operations (AWS).
 pub const DEFAULT_LIMIT: usize = 25;
@@ -303,12 +299,4 @@ pub fn tags_json(tags: &BTreeMap<String, String>) -> Value {
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect(),
     )
-}
-
-/// A 404 for an unknown kind of resource in a path.
-pub fn not_found_kind(kind: ErrorKind, message: &str) -> ModelError {
-    ModelError {
-        kind,
-        message: message.to_string(),
-    }
 }
