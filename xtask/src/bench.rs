@@ -21,6 +21,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 
+#[path = "bench_flood.rs"]
+mod bench_flood;
+
 use crate::{
     bench_peers::{self, Gateway, PeerConfig, Proc, TempDir},
     bench_report::{self, Bar},
@@ -36,7 +39,7 @@ pub enum Scenario {
     Throughput,
     /// One key at rate 50 / burst 100 hammered for 10 s: admitted vs the ideal 600.
     Accuracy,
-    /// One key flooding while another runs at a fixed rate, with and without XDP (not yet).
+    /// One key flooding while another runs at a fixed rate, with and without XDP (root).
     Flood,
     /// Nanoseconds per packet of each XDP path (BPF_PROG_TEST_RUN).
     Kernel,
@@ -158,6 +161,7 @@ pub fn main(root: &Path, args: Args) -> Result<()> {
         scenarios = vec![
             Scenario::Throughput,
             Scenario::Accuracy,
+            Scenario::Flood,
             Scenario::Kernel,
             Scenario::Scale,
         ];
@@ -190,10 +194,7 @@ pub fn main(root: &Path, args: Args) -> Result<()> {
             Scenario::Accuracy => accuracy(&ctx)?,
             Scenario::Kernel => kernel(&ctx)?,
             Scenario::Scale => scale(&ctx)?,
-            Scenario::Flood => {
-                crate::step("bench: the flood scenario is not implemented yet; skipped");
-                continue;
-            }
+            Scenario::Flood => bench_flood::flood(&ctx)?,
         };
         let section = format!(
             "{section}\n_Produced by `{}` on {} in {:.0} s._\n",
@@ -265,8 +266,9 @@ fn assemble(ctx: &Ctx) -> Result<()> {
         out,
         "Written by `cargo xtask bench` (last: `{}`, {}). Every figure is a median over \
          interleaved rounds of the contenders; ratios are to the gateway. All traffic is on \
-         loopback of one machine that also runs the load generator and the upstream, so \
-         absolute numbers say little: compare within a table.\n",
+         loopback (scenario 3: a veth between namespaces) of one machine that also runs the \
+         load generator and the upstream, so absolute numbers say little: compare within a \
+         table.\n",
         ctx.command, ctx.date
     )?;
     writeln!(out, "| | |\n|---|---|")?;
@@ -305,13 +307,6 @@ fn assemble(ctx: &Ctx) -> Result<()> {
         let path = results.join(format!("{}.md", scenario.name()));
         match std::fs::read_to_string(&path) {
             Ok(section) => writeln!(out, "{section}")?,
-            Err(_) if *scenario == Scenario::Flood => writeln!(
-                out,
-                "## 3. Flood (not measured yet)\n\nThe flood scenario (an abusive key over \
-                 keep-alive in namespaces, gateway with and without XDP) is not part of \
-                 `cargo xtask bench` yet; `tests/tests/xdp_flood.rs` checks its claims as a \
-                 test.\n"
-            )?,
             Err(_) => writeln!(
                 out,
                 "## {} (not run yet)\n\nRun `cargo xtask bench {}`.\n",
@@ -475,6 +470,7 @@ fn throughput(ctx: &Ctx) -> Result<String> {
                 duration,
                 mode,
                 threads: 1,
+                source: None,
             };
             load::run(&spec(Mode::Closed, Duration::from_millis(500)))?;
             let cpu_before = running.pid.map(bench_peers::cpu_seconds).transpose()?;
@@ -676,6 +672,7 @@ fn accuracy(ctx: &Ctx) -> Result<String> {
                 duration: TIME,
                 mode: Mode::Closed,
                 threads: 1,
+                source: None,
             })?;
             crate::step(&format!(
                 "bench: round {} {}: admitted {} (ideal {ideal:.0}), 429: {}, other: {}",

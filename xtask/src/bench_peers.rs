@@ -118,15 +118,42 @@ fn read_until(
     Ok(lines)
 }
 
+/// Makes `command` start inside network namespace `name` (from `ip netns add`); the process
+/// keeps its own PID, so it can be measured and stopped like any other.
+pub fn in_netns(command: &mut Command, name: &str) -> Result<()> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let file = std::fs::File::open(format!("/var/run/netns/{name}"))
+        .with_context(|| format!("network namespace {name} does not exist"))?;
+    // SAFETY: the closure only calls setns(2), which is async-signal-safe, on a descriptor
+    // opened above and kept alive by the closure.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// The upstream: this program's `bench-upstream` with `threads` worker threads.
 pub fn upstream(threads: usize) -> Result<(Proc, SocketAddr)> {
+    upstream_in(threads, None)
+}
+
+/// [`upstream`] on loopback inside network namespace `netns` if given.
+pub fn upstream_in(threads: usize, netns: Option<&str>) -> Result<(Proc, SocketAddr)> {
     let exe = std::env::current_exe().context("cannot find the xtask binary")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["bench-upstream", "--listen", "127.0.0.1:0", "--threads"])
         .arg(threads.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start the upstream")?;
+        .stdout(Stdio::piped());
+    if let Some(ns) = netns {
+        in_netns(&mut command, ns)?;
+    }
+    let child = command.spawn().context("cannot start the upstream")?;
     let mut proc = Proc {
         child,
         name: "upstream",
@@ -157,15 +184,33 @@ pub fn gateway(
     threads: usize,
     extra: &[&str],
 ) -> Result<Gateway> {
+    gateway_in(binary, dir, model, threads, None, "127.0.0.1:0", extra)
+}
+
+/// [`gateway`] inside network namespace `netns` if given, its data plane on `listen` (the
+/// admin API stays on loopback).
+pub fn gateway_in(
+    binary: &Path,
+    dir: &Path,
+    model: &serde_json::Value,
+    threads: usize,
+    netns: Option<&str>,
+    listen: &str,
+    extra: &[&str],
+) -> Result<Gateway> {
     let config = dir.join("model.json");
     std::fs::write(&config, serde_json::to_vec(model)?)?;
     let state = dir.join("state");
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state)?;
     let started = Instant::now();
-    let child = Command::new(binary)
+    let mut command = Command::new(binary);
+    if let Some(ns) = netns {
+        in_netns(&mut command, ns)?;
+    }
+    let child = command
         .arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
         .arg("--state-dir")
         .arg(&state)
         .arg("--config")

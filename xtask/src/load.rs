@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,7 +26,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::Mutex,
+};
 
 /// How requests are paced.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +57,8 @@ pub struct Spec {
     pub mode: Mode,
     /// Worker threads of the generator's runtime.
     pub threads: usize,
+    /// Source address the connections are bound to (any when `None`).
+    pub source: Option<IpAddr>,
 }
 
 /// What a run measured.
@@ -132,7 +137,7 @@ async fn drive(spec: Spec) -> Result<Report> {
     // Connect everything first so connection set-up is not measured.
     let mut senders = Vec::with_capacity(spec.connections);
     for _ in 0..spec.connections {
-        senders.push(connect(spec.addr).await?);
+        senders.push(connect(spec.addr, spec.source).await?);
     }
     let start = Instant::now();
     let stop = start + spec.duration;
@@ -191,10 +196,22 @@ async fn drive(spec: Spec) -> Result<Report> {
     Ok(report)
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<SendRequest<Empty<Bytes>>> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await,
+        Some(source) => {
+            let socket = if source.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket
+                .bind(SocketAddr::new(source, 0))
+                .with_context(|| format!("cannot bind {source}"))?;
+            socket.connect(addr).await
+        }
+    }
+    .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -264,7 +281,9 @@ async fn connection(
                     break;
                 }
                 // A closed connection (e.g. the peer's keep-alive limit): open another.
-                match tokio::time::timeout_at(hard_stop.into(), connect(spec.addr)).await {
+                match tokio::time::timeout_at(hard_stop.into(), connect(spec.addr, spec.source))
+                    .await
+                {
                     Ok(Ok(fresh)) => sender = fresh,
                     _ => break,
                 }
