@@ -661,7 +661,6 @@ impl KeepAlive {
     }
 
     fn exchange(&mut self, path: &str, key: Option<&str>) -> Result<(u16, String, bool)> {
-        use std::io::{Read, Write};
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
@@ -671,60 +670,71 @@ impl KeepAlive {
                 self.conn.insert(BufReader::new(stream))
             }
         };
-        let key = key
-            .map(|k| format!("x-api-key: {k}\r\n"))
-            .unwrap_or_default();
-        write!(
-            conn.get_mut(),
-            "GET {path} HTTP/1.1\r\nhost: gateway\r\n{key}\r\n"
-        )?;
-        let mut line = String::new();
+        http1_get(conn, path, key)
+    }
+}
+
+/// Sends `GET path` (with `x-api-key` when given) on a keep-alive HTTP/1.1 connection in one
+/// write, so the head leaves in one segment as real clients send it, and reads the response
+/// (`content-length` or chunked). Returns the status, the body and whether the server keeps
+/// the connection open.
+pub fn http1_get(
+    conn: &mut BufReader<std::net::TcpStream>,
+    path: &str,
+    key: Option<&str>,
+) -> Result<(u16, String, bool)> {
+    use std::io::{Read, Write};
+    let key = key
+        .map(|k| format!("x-api-key: {k}\r\n"))
+        .unwrap_or_default();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n{key}\r\n");
+    conn.get_mut().write_all(head.as_bytes())?;
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        bail!("connection closed before the response");
+    }
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .context("status line has a code")?
+        .parse()?;
+    let (mut length, mut chunked, mut keep) = (0usize, false, true);
+    loop {
+        line.clear();
         if conn.read_line(&mut line)? == 0 {
-            bail!("connection closed before the response");
+            bail!("connection closed inside the response head");
         }
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .context("status line has a code")?
-            .parse()?;
-        let (mut length, mut chunked, mut keep) = (0usize, false, true);
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse()?;
+        } else if let Some(v) = lower.strip_prefix("transfer-encoding:") {
+            chunked = v.contains("chunked");
+        } else if let Some(v) = lower.strip_prefix("connection:") {
+            keep = !v.contains("close");
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
         loop {
             line.clear();
-            if conn.read_line(&mut line)? == 0 {
-                bail!("connection closed inside the response head");
-            }
-            if line == "\r\n" {
+            conn.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .context("chunk size")?;
+            let mut chunk = vec![0; size + 2];
+            conn.read_exact(&mut chunk)?;
+            if size == 0 {
                 break;
             }
-            let lower = line.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse()?;
-            } else if let Some(v) = lower.strip_prefix("transfer-encoding:") {
-                chunked = v.contains("chunked");
-            } else if let Some(v) = lower.strip_prefix("connection:") {
-                keep = !v.contains("close");
-            }
+            body.extend_from_slice(&chunk[..size]);
         }
-        let mut body = Vec::new();
-        if chunked {
-            loop {
-                line.clear();
-                conn.read_line(&mut line)?;
-                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .context("chunk size")?;
-                let mut chunk = vec![0; size + 2];
-                conn.read_exact(&mut chunk)?;
-                if size == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..size]);
-            }
-        } else {
-            body.resize(length, 0);
-            conn.read_exact(&mut body)?;
-        }
-        Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
+    } else {
+        body.resize(length, 0);
+        conn.read_exact(&mut body)?;
     }
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
 }
 
 /// A throwaway `redis-server` on a free loopback port, persistence off, killed on drop.

@@ -17,7 +17,7 @@
 //! request has a read timeout and every phase is bounded in time and count.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::BufReader,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
@@ -26,8 +26,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use gateway::plan::{ApiKey, Method, Model, RestApi, Stage, UsagePlan};
 use gateway_tests::{
-    Gateway, NetPair, TempDir, Upstream, can_run_privileged, curl, enter_netns, ip, metric,
-    privileged_required,
+    Gateway, NetPair, TempDir, Upstream, can_run_privileged, curl, enter_netns, http1_get, ip,
+    metric, privileged_required,
 };
 
 /// Subnet number of this test's [`NetPair`] (10.77.N.0/24), apart from other namespace tests.
@@ -693,54 +693,7 @@ impl Client {
 /// Writes one request and reads its response; returns the status and whether the connection
 /// stays open.
 fn exchange(conn: &mut BufReader<TcpStream>, path: &str, key: &str) -> Result<(u16, bool)> {
-    // One write, so the request head leaves in one segment starting with the method, as
-    // real clients send it (`write!` would send "GET " alone, which the kernel does not
-    // recognise as a request start).
-    let head = format!("GET {path} HTTP/1.1\r\nhost: gateway\r\nx-api-key: {key}\r\n\r\n");
-    conn.get_mut().write_all(head.as_bytes())?;
-    let mut line = String::new();
-    if conn.read_line(&mut line)? == 0 {
-        bail!("connection closed before the response");
-    }
-    let status: u16 = line
-        .split(' ')
-        .nth(1)
-        .context("status line has a code")?
-        .parse()?;
-    let (mut length, mut chunked, mut keep) = (0usize, false, true);
-    loop {
-        line.clear();
-        if conn.read_line(&mut line)? == 0 {
-            bail!("connection closed inside the response head");
-        }
-        if line == "\r\n" {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse()?;
-        } else if let Some(v) = lower.strip_prefix("transfer-encoding:") {
-            chunked = v.contains("chunked");
-        } else if let Some(v) = lower.strip_prefix("connection:") {
-            keep = !v.contains("close");
-        }
-    }
-    if chunked {
-        loop {
-            line.clear();
-            conn.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .context("chunk size")?;
-            let mut chunk = vec![0; size + 2];
-            conn.read_exact(&mut chunk)?;
-            if size == 0 {
-                break;
-            }
-        }
-    } else {
-        let mut body = vec![0; length];
-        conn.read_exact(&mut body)?;
-    }
+    let (status, _, keep) = http1_get(conn, path, Some(key))?;
     Ok((status, keep))
 }
 
