@@ -191,6 +191,11 @@ impl FastPath {
         }
     }
 
+    /// Whether a shed mark is waiting to expire (the next [`FastPath::sync`] clears it).
+    pub fn has_shed_marks(&self) -> bool {
+        !self.marks().shed_until.is_empty()
+    }
+
     /// Flows bound right now.
     pub fn bound_flows(&self) -> u64 {
         self.bound_flows.load(Ordering::Relaxed)

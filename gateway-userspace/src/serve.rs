@@ -356,7 +356,8 @@ fn announce(data: SocketAddr, admin: SocketAddr) {
 }
 
 /// Keeps the kernel's key buckets in line with the configuration: at once after a change
-/// (checked every 250 ms), and every 5 s anyway so shed marks expire. Keys whose slot is
+/// (checked every 250 ms), once a second while shed marks wait to expire, and once a minute
+/// to retry failed writes. Keys whose slot is
 /// beyond the kernel's `key_slots` are limited by the proxy only.
 async fn sync_fast_path(
     fast_path: Arc<FastPath>,
@@ -372,7 +373,12 @@ async fn sync_fast_path(
         tick.tick().await;
         metrics.set_xdp_bound_flows(fast_path.bound_flows());
         let generation = engine.generation();
-        if generation == synced_generation && last_sync.elapsed() < Duration::from_secs(5) {
+        // Walking every key costs O(keys): only after a change, while a shed mark waits to
+        // expire (once a second), and once a minute to retry writes the kernel refused.
+        let since = last_sync.elapsed();
+        let due = since >= Duration::from_secs(60)
+            || (fast_path.has_shed_marks() && since >= Duration::from_secs(1));
+        if generation == synced_generation && !due {
             continue;
         }
         let (fast_path, engine) = (fast_path.clone(), engine.clone());
