@@ -133,6 +133,18 @@ impl Metrics {
         self.xdp.bound_flows.store(flows, Ordering::Relaxed);
     }
 
+    /// Records one walk of every key that brought the kernel's key buckets in line with the
+    /// configuration: how long it took and how many slots it wrote.
+    pub fn xdp_key_synced(&self, took: Duration, written: u64) {
+        let xdp = &self.xdp;
+        xdp.key_sync_nanos.store(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        xdp.key_sync_written.store(written, Ordering::Relaxed);
+        xdp.key_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The XDP counters as last copied from the kernel.
     pub fn xdp_counters(&self) -> [u64; stats::COUNT as usize] {
         std::array::from_fn(|i| self.xdp.values[i].load(Ordering::Relaxed))
@@ -152,6 +164,9 @@ struct XdpCounters {
     attached: AtomicBool,
     values: [AtomicU64; stats::COUNT as usize],
     bound_flows: AtomicU64,
+    key_syncs: AtomicU64,
+    key_sync_nanos: AtomicU64,
+    key_sync_written: AtomicU64,
 }
 
 impl Collector for XdpCounters {
@@ -178,6 +193,30 @@ impl Collector for XdpCounters {
             gauge.metric_type(),
         )?;
         gauge.encode(metric)?;
+        let syncs = ConstCounter::new(self.key_syncs.load(Ordering::Relaxed));
+        let metric = encoder.encode_descriptor(
+            "xdp_key_syncs",
+            "Walks of every API key that brought the kernel key buckets in line with the configuration",
+            None,
+            syncs.metric_type(),
+        )?;
+        syncs.encode(metric)?;
+        let took = ConstGauge::new(self.key_sync_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+        let metric = encoder.encode_descriptor(
+            "xdp_key_sync_last_seconds",
+            "Duration of the last kernel key sync (reading every key and writing the changed slots)",
+            None,
+            took.metric_type(),
+        )?;
+        took.encode(metric)?;
+        let written = ConstGauge::new(self.key_sync_written.load(Ordering::Relaxed) as i64);
+        let metric = encoder.encode_descriptor(
+            "xdp_key_sync_last_written",
+            "Kernel key slots written by the last kernel key sync",
+            None,
+            written.metric_type(),
+        )?;
+        written.encode(metric)?;
         Ok(())
     }
 }

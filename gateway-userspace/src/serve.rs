@@ -383,16 +383,24 @@ async fn sync_fast_path(
         }
         let (fast_path, engine) = (fast_path.clone(), engine.clone());
         let synced = tokio::task::spawn_blocking(move || {
+            let began = std::time::Instant::now();
             let mut slots = engine.key_slots();
             let before = slots.len();
             slots.retain(|s| s.slot < key_slots);
-            (fast_path.sync(&slots), before - slots.len())
+            let written = fast_path.sync(&slots);
+            (written, before - slots.len(), began.elapsed())
         })
         .await;
         match synced {
-            Ok((written, beyond)) => {
+            Ok((written, beyond, took)) => {
+                metrics.xdp_key_synced(took, written as u64);
                 if written > 0 {
-                    tracing::debug!(written, generation, "kernel key buckets synced");
+                    tracing::info!(
+                        written,
+                        generation,
+                        took_ms = took.as_secs_f64() * 1e3,
+                        "kernel key buckets synced"
+                    );
                 }
                 if beyond > 0 && !warned {
                     warned = true;

@@ -340,6 +340,14 @@ fn blocked_key(net: &NetPair, admin: &Admin, source: Ipv4Addr, data: SocketAddrV
         dropped > 0,
         "no request start of the disabled key was dropped in the kernel"
     );
+    // The change was synced by a walk of every key that wrote the one slot that changed.
+    let syncs = delta(&before, &after, "gateway_xdp_key_syncs_total");
+    assert!(syncs >= 1, "no kernel key sync after the PATCH");
+    assert_eq!(
+        metric(&after, "gateway_xdp_key_sync_last_written"),
+        Some(1),
+        "the sync after disabling one key rewrote other slots"
+    );
     // Only the proxy's answers were counted: the dropped request never reached it.
     let refused =
         requests_with(&after, "/calm/GET", "403") - requests_with(&before, "/calm/GET", "403");

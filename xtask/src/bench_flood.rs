@@ -35,7 +35,7 @@ const CALM_CONNECTIONS: usize = 4;
 /// Keep-alive connections of the flood, each sending back to back.
 const FLOOD_CONNECTIONS: usize = 16;
 /// The subnet of the veth (apart from the tests' 10.77.N.0/24).
-const GATEWAY_IP: &str = "10.78.0.1";
+pub(super) const GATEWAY_IP: &str = "10.78.0.1";
 const FLOOD_IP: &str = "10.78.0.2";
 const CALM_IP: &str = "10.78.0.3";
 /// `--xdp-headroom` left at its default.
@@ -58,15 +58,15 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 /// The two namespaces and their veth; deleting the namespaces (on drop) removes the veth.
-struct Net {
+pub(super) struct Net {
     client: String,
-    gateway: String,
+    pub(super) gateway: String,
     client_if: String,
-    gateway_if: String,
+    pub(super) gateway_if: String,
 }
 
 impl Net {
-    fn create() -> Result<Self> {
+    pub(super) fn create() -> Result<Self> {
         let id = std::process::id();
         let net = Net {
             client: format!("gwb-c{id}"),
@@ -177,7 +177,7 @@ fn model(upstream: SocketAddr) -> serde_json::Value {
 }
 
 /// The gateway's `/metrics`, fetched with curl inside its namespace.
-fn metrics(netns: &str, admin: SocketAddr) -> Result<String> {
+pub(super) fn metrics(netns: &str, admin: SocketAddr) -> Result<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "curl", "-sS", "-m", "10"])
         .arg(format!("http://{admin}/metrics"))
@@ -202,7 +202,7 @@ fn requests(exposition: &str, resource: &str, status: Option<&str>) -> f64 {
 }
 
 /// One unlabelled sample of `name`; 0 when absent (no XDP program, no counter).
-fn sample(exposition: &str, name: &str) -> f64 {
+pub(super) fn sample(exposition: &str, name: &str) -> f64 {
     exposition
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
