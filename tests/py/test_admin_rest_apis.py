@@ -233,6 +233,59 @@ def test_deployments_and_stages(apigw, deployed):
     assert names == {"v1"}
 
 
+def test_get_update_delete_deployment(gw, apigw):
+    api = gw.proxy_api(stage="v1", key_required=False)
+    api_id = api["api"]
+    first = apigw.get_stage(restApiId=api_id, stageName="v1")["deploymentId"]
+    got = apigw.get_deployment(restApiId=api_id, deploymentId=first)
+    assert status_of(got) == 200
+    assert got["id"] == first and "createdDate" in got
+
+    updated = apigw.update_deployment(
+        restApiId=api_id,
+        deploymentId=first,
+        patchOperations=[{"op": "replace", "path": "/description", "value": "first cut"}],
+    )
+    assert (status_of(updated), updated["description"]) == (200, "first cut")
+    assert apigw.get_deployment(restApiId=api_id, deploymentId=first)["description"] == "first cut"
+    expect_error(
+        lambda: apigw.update_deployment(
+            restApiId=api_id,
+            deploymentId=first,
+            patchOperations=[{"op": "replace", "path": "/stageName", "value": "x"}],
+        ),
+        400,
+        "BadRequestException",
+    )
+
+    # A stage still serves it: refused, as on AWS.
+    expect_error(
+        lambda: apigw.delete_deployment(restApiId=api_id, deploymentId=first),
+        400,
+        "BadRequestException",
+        "Active stages pointing to this deployment must be moved or deleted",
+    )
+    second = apigw.create_deployment(restApiId=api_id, stageName="v1")["id"]
+    assert status_of(apigw.delete_deployment(restApiId=api_id, deploymentId=first)) == 202
+    expect_error(
+        lambda: apigw.get_deployment(restApiId=api_id, deploymentId=first),
+        404,
+        "NotFoundException",
+        "Invalid Deployment identifier specified",
+    )
+    expect_error(
+        lambda: apigw.delete_deployment(restApiId=api_id, deploymentId=first),
+        404,
+        "NotFoundException",
+        "Invalid Deployment identifier specified",
+    )
+    listed = [d["id"] for d in apigw.get_deployments(restApiId=api_id)["items"]]
+    assert listed == [second]
+    # The stage keeps serving its (second) deployment.
+    answer = gw.invoke(api_id, "v1", "pets")
+    assert answer.status == 200, answer
+
+
 def test_stage_method_throttling_settings(apigw, deployed):
     api_id = deployed["api"]
 

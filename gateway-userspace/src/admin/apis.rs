@@ -42,6 +42,10 @@ fn unknown_stage() -> ModelError {
     ModelError::not_found("Invalid Stage identifier specified")
 }
 
+fn unknown_deployment() -> ModelError {
+    ModelError::not_found("Invalid Deployment identifier specified")
+}
+
 fn api<'a>(m: &'a Model, id: &str) -> Result<&'a RestApi, ModelError> {
     m.rest_apis
         .iter()
@@ -739,6 +743,62 @@ pub fn list_deployments(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, Api
     let a = api(&m, api_id)?;
     let page = wire::page(req, a.deployments.iter().collect())?;
     Ok(Reply::ok(page.to_json(|d| deployment_json(d))))
+}
+
+/// GET /restapis/{id}/deployments/{deploymentId}
+pub fn get_deployment(ctx: &Ctx, api_id: &str, id: &str) -> Result<Reply, ApiError> {
+    let m = ctx.control.model();
+    let d = api(&m, api_id)?
+        .deployments
+        .iter()
+        .find(|d| d.id == id)
+        .ok_or_else(unknown_deployment)?;
+    Ok(Reply::ok(deployment_json(d)))
+}
+
+/// PATCH /restapis/{id}/deployments/{deploymentId}: `replace /description`.
+pub fn update_deployment(ctx: &Ctx, req: &Req, api_id: &str, id: &str) -> Result<Reply, ApiError> {
+    const PATHS: [&str; 1] = ["/description"];
+    let ops = req.patch()?;
+    let (api_id, id) = (api_id.to_string(), id.to_string());
+    let d = ctx.control.update(move |m| {
+        let d = api_mut(m, &api_id)?
+            .deployments
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(unknown_deployment)?;
+        for op in &ops {
+            match (op.op.as_str(), op.path.as_str()) {
+                ("replace", "/description") => d.description = op.value.clone(),
+                _ => return Err(op.invalid(&PATHS)),
+            }
+        }
+        Ok(d.clone())
+    })?;
+    Ok(Reply::ok(deployment_json(&d)))
+}
+
+/// DELETE /restapis/{id}/deployments/{deploymentId}: refused while a stage serves it, as on
+/// AWS; deleting drops the deployment's snapshot of the resources.
+pub fn delete_deployment(ctx: &Ctx, api_id: &str, id: &str) -> Result<Reply, ApiError> {
+    let (api_id, id) = (api_id.to_string(), id.to_string());
+    ctx.control.update(move |m| {
+        let a = api_mut(m, &api_id)?;
+        if !a.deployments.iter().any(|d| d.id == id) {
+            return Err(unknown_deployment());
+        }
+        if a.stages
+            .iter()
+            .any(|s| s.deployment_id.as_deref() == Some(id.as_str()))
+        {
+            return Err(ModelError::bad_request(
+                "Active stages pointing to this deployment must be moved or deleted",
+            ));
+        }
+        a.deployments.retain(|d| d.id != id);
+        Ok(())
+    })?;
+    Ok(Reply::accepted())
 }
 
 fn setting_json(s: &MethodSetting) -> Value {

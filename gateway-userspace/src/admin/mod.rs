@@ -283,6 +283,9 @@ fn route(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
         }
         (["restapis", id, "deployments"], &M::POST) => apis::create_deployment(ctx, req, id),
         (["restapis", id, "deployments"], &M::GET) => apis::list_deployments(ctx, req, id),
+        (["restapis", id, "deployments", d], &M::GET) => apis::get_deployment(ctx, id, d),
+        (["restapis", id, "deployments", d], &M::PATCH) => apis::update_deployment(ctx, req, id, d),
+        (["restapis", id, "deployments", d], &M::DELETE) => apis::delete_deployment(ctx, id, d),
         (["restapis", id, "stages"], &M::POST) => apis::create_stage(ctx, req, id),
         (["restapis", id, "stages"], &M::GET) => apis::list_stages(ctx, id),
         (["restapis", id, "stages", s], &M::GET) => apis::get_stage(ctx, id, s),
