@@ -406,6 +406,53 @@ fn week_and_month_quotas_follow_offsets() {
 }
 
 #[test]
+fn a_key_when_no_plan_exists_at_all_is_refused_not_a_crash() {
+    // No membership anywhere: the key's record names no cell.
+    let m = Model::new().api(api()).key(ApiKey::new("k1", value(1)));
+    let (e, _, _) = setup(m);
+    let d = e.decide(&pets(&e), Some(&value(1)));
+    assert!(
+        matches!(
+            d,
+            Decision::Forbidden {
+                reason: ForbiddenReason::NoPlanForStage,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn quota_resets_follow_the_calendar_day_by_day_forwards_and_back() {
+    // The engine works a plan's period out once per day; walk 500 days (a leap February
+    // included) forwards, then back, and check every reset against the calendar.
+    for (period, offset) in [
+        (QuotaPeriod::Month, 27),
+        (QuotaPeriod::Week, 3),
+        (QuotaPeriod::Day, 0),
+    ] {
+        let p = plan().quota_with_offset(1_000_000, period, offset);
+        let (e, clock, _) = setup(model(p));
+        let first = days_from_civil(2023, 11, 20);
+        let days: Vec<i64> = (first..first + 500)
+            .chain((first..first + 500).rev())
+            .collect();
+        for day in days {
+            clock.set(day as u64 * NANOS_PER_DAY + 12 * 3600 * SEC);
+            let d = e.decide(&pets(&e), Some(&value(1)));
+            let q = d.limits().and_then(|l| l.quota).expect("quota status");
+            let want = gateway::quota::period_bounds(day, period, offset as u32);
+            assert_eq!(
+                q.reset_at_ns,
+                want.end_ns(),
+                "{period:?} offset {offset} day {day}"
+            );
+        }
+    }
+}
+
+#[test]
 fn binding_policy_and_throttle_status_for_headers() {
     let p = plan().throttle(2.0, 5).quota(100, QuotaPeriod::Day);
     let (e, _, _) = setup(model(p));
