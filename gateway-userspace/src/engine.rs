@@ -862,7 +862,16 @@ impl Engine {
         let hashers = Hashers::new();
         let mut admin = Admin::default();
         let mut spill = Vec::new();
-        let compiled = compile(model, None, &mut admin, &hashers, &mut spill, 1)?;
+        let model = Arc::new(model);
+        let compiled = compile(
+            &model,
+            model.clone(),
+            None,
+            &mut admin,
+            &hashers,
+            &mut spill,
+            1,
+        )?;
         let engine = Engine {
             current: ArcSwap::from_pointee(compiled),
             store,
@@ -910,12 +919,21 @@ impl Engine {
 
     /// Hot swap: validates and compiles `model` and publishes it atomically. Buckets and quota
     /// counters of keys, memberships and stage methods that still exist are kept.
-    pub fn apply(&self, model: Model) -> Result<(), ModelError> {
+    pub fn apply(&self, model: impl Into<Arc<Model>>) -> Result<(), ModelError> {
+        self.apply_shared(model.into(), 1)
+    }
+
+    /// [`Engine::apply`] with every throttle divided over `nodes` gateways (see
+    /// [`crate::control::scale`]). The engine keeps `model` itself, shared with the caller, so
+    /// the configuration is held once however many keys it has.
+    pub fn apply_shared(&self, model: Arc<Model>, nodes: u32) -> Result<(), ModelError> {
+        let scaled = (nodes > 1).then(|| crate::control::scale(&model, nodes));
         let mut admin = lock(&self.admin);
         let old = self.current.load_full();
         let mut spill = Vec::new();
         let compiled = compile(
-            model,
+            scaled.as_ref().unwrap_or(&model),
+            model.clone(),
             Some(&old),
             &mut admin,
             &self.hashers,
@@ -929,7 +947,7 @@ impl Engine {
         Ok(())
     }
 
-    /// The current configuration snapshot.
+    /// The configuration last applied, as given (throttles not divided over nodes).
     pub fn snapshot(&self) -> Arc<Model> {
         Arc::clone(&self.current.load().model)
     }
@@ -1583,8 +1601,11 @@ fn compile_tree(resources: &[Resource]) -> Result<(CTree, Vec<Option<&Integratio
 }
 
 /// Builds a snapshot, reusing the state of `old` for everything that still exists.
+/// Compiles `model` (throttles already divided over the nodes) into a snapshot that keeps
+/// `given`, the configuration as the control plane holds it, without copying it.
 fn compile(
-    model: Model,
+    model: &Model,
+    given: Arc<Model>,
     old: Option<&Compiled>,
     admin: &mut Admin,
     hashers: &Hashers,
@@ -1925,7 +1946,7 @@ fn compile(
     let cells = admin.cells.clone();
     Ok(Compiled {
         generation,
-        model: Arc::new(model),
+        model: given,
         apis,
         api_index,
         trees,

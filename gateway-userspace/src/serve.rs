@@ -169,6 +169,7 @@ pub async fn run(
     );
     let engine = Arc::new(Engine::new(model, db.usage(), Arc::new(SystemClock))?);
     let control = Arc::new(Control::new(engine.clone(), Some(db.config())));
+    crate::control::release_freed_memory();
     // Other nodes' changes reach this one until the watcher is dropped at the end of `run`.
     let _watcher = db.watch(&control);
     let store_health = db.health();
@@ -388,7 +389,12 @@ async fn sync_fast_path(
             let before = slots.len();
             slots.retain(|s| s.slot < key_slots);
             let written = fast_path.sync(&slots);
-            (written, before - slots.len(), began.elapsed())
+            let took = began.elapsed();
+            let beyond = before - slots.len();
+            // The walk's temporary tables are the size of the key set.
+            drop(slots);
+            crate::control::release_freed_memory();
+            (written, beyond, took)
         })
         .await;
         match synced {
