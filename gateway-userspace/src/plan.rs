@@ -181,6 +181,9 @@ pub struct RestApi {
     /// Creation time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_date: Option<i64>,
+    /// Tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A deployment of a REST API: a snapshot of its resources, methods and integrations taken by
@@ -292,6 +295,9 @@ pub struct Stage {
     /// Last update time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated_date: Option<i64>,
+    /// Tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Per-method stage settings (throttling only).

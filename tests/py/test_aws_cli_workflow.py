@@ -106,6 +106,12 @@ def test_silver_plan_workflow(gw, aws):
     assert plan["throttle"] == {"burstLimit": 100, "rateLimit": 50.0}
     assert plan["quota"] == {"limit": 5000, "offset": 0, "period": "MONTH"}
     assert plan["apiStages"] == [{"apiId": api_id, "stage": "prod"}]
+    plan_arn = f"arn:aws:apigateway:{REGION}::/usageplans/{plan['id']}"
+    aws("tag-resource", "--resource-arn", plan_arn, "--tags", "tier=silver,owner=sales")
+    assert aws("get-tags", "--resource-arn", plan_arn)["tags"] == {
+        "tier": "silver",
+        "owner": "sales",
+    }
 
     key = aws("create-api-key", "--name", unique("silver-customer"), "--enabled")
     assert key["enabled"] is True and key["value"]

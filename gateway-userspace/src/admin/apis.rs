@@ -19,7 +19,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{self, ApiError, PatchOp, Req, new_id, put_opt};
+use super::wire::{self, ApiError, PatchOp, Req, new_id, put_opt, tags_json};
 use super::{Ctx, Reply};
 use crate::plan::{
     ApiKeySource, Deployment, HTTP_METHODS, Integration, IntegrationType, Method, MethodSetting,
@@ -91,6 +91,9 @@ fn api_json(a: &RestApi) -> Value {
     );
     o.insert("disableExecuteApiEndpoint".into(), false.into());
     put_opt(&mut o, "rootResourceId", root_id(a).map(str::to_string));
+    if !a.tags.is_empty() {
+        o.insert("tags".into(), tags_json(&a.tags));
+    }
     Value::Object(o)
 }
 
@@ -103,6 +106,8 @@ struct CreateApi {
     description: Option<String>,
     #[serde(default)]
     api_key_source: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
 }
 
 /// POST /restapis
@@ -111,6 +116,7 @@ pub fn create_api(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     if body.name.is_empty() {
         return Err(ApiError::bad_request("Invalid REST API name specified"));
     }
+    super::tags::check(&body.tags)?;
     let source = match &body.api_key_source {
         Some(s) => key_source(s)?,
         None => ApiKeySource::Header,
@@ -130,6 +136,7 @@ pub fn create_api(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
                 resource_methods: BTreeMap::new(),
             }],
             created_date: Some(now),
+            tags: body.tags,
             ..RestApi::default()
         };
         m.rest_apis.push(api.clone());
@@ -837,6 +844,9 @@ fn stage_json(s: &Stage) -> Value {
     o.insert("tracingEnabled".into(), false.into());
     put_opt(&mut o, "createdDate", s.created_date);
     put_opt(&mut o, "lastUpdatedDate", s.last_updated_date);
+    if !s.tags.is_empty() {
+        o.insert("tags".into(), tags_json(&s.tags));
+    }
     Value::Object(o)
 }
 
@@ -851,11 +861,14 @@ struct CreateStage {
     description: Option<String>,
     #[serde(default)]
     variables: BTreeMap<String, String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
 }
 
 /// POST /restapis/{id}/stages
 pub fn create_stage(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
     let body: CreateStage = req.json()?;
+    super::tags::check(&body.tags)?;
     let now = ctx.control.now_secs();
     let api_id = api_id.to_string();
     let stage = ctx.control.update(move |m| {
@@ -875,6 +888,7 @@ pub fn create_stage(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiErro
             deployment_id: Some(body.deployment_id),
             created_date: Some(now),
             last_updated_date: Some(now),
+            tags: body.tags,
             ..Stage::default()
         };
         a.stages.push(stage.clone());

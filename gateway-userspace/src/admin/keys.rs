@@ -68,6 +68,7 @@ struct CreateKey {
 /// POST /apikeys
 pub fn create(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     let body: CreateKey = req.json()?;
+    super::tags::check(&body.tags)?;
     let now = ctx.control.now_secs();
     let key = ctx.control.update(move |m| {
         let stage_keys = body

@@ -17,6 +17,7 @@
 mod apis;
 mod keys;
 mod plans;
+mod tags;
 pub mod wire;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -81,6 +82,14 @@ impl Reply {
     pub fn accepted() -> Reply {
         Reply {
             status: StatusCode::ACCEPTED,
+            body: None,
+        }
+    }
+
+    /// 204 with an empty body (TagResource, UntagResource).
+    pub fn no_content() -> Reply {
+        Reply {
+            status: StatusCode::NO_CONTENT,
             body: None,
         }
     }
@@ -291,6 +300,14 @@ fn route(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
         (["restapis", id, "stages", s], &M::GET) => apis::get_stage(ctx, id, s),
         (["restapis", id, "stages", s], &M::PATCH) => apis::update_stage(ctx, req, id, s),
         (["restapis", id, "stages", s], &M::DELETE) => apis::delete_stage(ctx, id, s),
+
+        // botocore sends the ARN as one encoded segment; a hand-written URL may not encode
+        // its slashes.
+        (["tags", arn @ ..], &M::PUT) if !arn.is_empty() => tags::tag(ctx, req, &arn.join("/")),
+        (["tags", arn @ ..], &M::GET) if !arn.is_empty() => tags::get(ctx, &arn.join("/")),
+        (["tags", arn @ ..], &M::DELETE) if !arn.is_empty() => {
+            tags::untag(ctx, req, &arn.join("/"))
+        }
 
         (["account"], &M::GET) => apis::get_account(ctx),
         (["account"], &M::PATCH) => apis::update_account(ctx, req),

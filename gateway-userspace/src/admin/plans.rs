@@ -88,6 +88,7 @@ struct CreatePlan {
 /// POST /usageplans
 pub fn create(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     let body: CreatePlan = req.json()?;
+    super::tags::check(&body.tags)?;
     let Some(name) = body.name.filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request("Invalid usage plan name specified"));
     };
