@@ -117,11 +117,16 @@ impl Control {
         i64::try_from(self.engine.now() / 1_000_000_000).unwrap_or(i64::MAX)
     }
 
-    /// Runs `model` scaled for `nodes` in the engine, then makes it the current configuration.
-    fn publish(&self, model: Model, nodes: u32) -> Result<(), ControlError> {
+    /// Runs `model` scaled for `nodes` in the engine, then makes it the current configuration;
+    /// `validated` when the caller has just run [`Model::validate`] on it.
+    fn publish(&self, model: Model, nodes: u32, validated: bool) -> Result<(), ControlError> {
         // One copy of the configuration, shared by the engine and the admin API.
         let model = Arc::new(model);
-        self.engine.apply_shared(model.clone(), nodes)?;
+        if validated {
+            self.engine.apply_validated(model.clone(), nodes)?;
+        } else {
+            self.engine.apply_shared(model.clone(), nodes)?;
+        }
         self.model.store(model);
         release_freed_memory();
         Ok(())
@@ -137,7 +142,7 @@ impl Control {
         if let Some(store) = &self.store
             && let Some(latest) = store.changed(&self.model.load())?
         {
-            self.publish(latest, *nodes)?;
+            self.publish(latest, *nodes, false)?;
         }
         let old = self.model.load_full();
         let mut new = Model::clone(&old);
@@ -149,7 +154,7 @@ impl Control {
         if let Some(store) = &self.store {
             store.save(&old, &new)?;
         }
-        self.publish(new, *nodes)?;
+        self.publish(new, *nodes, true)?;
         Ok(out)
     }
 
@@ -162,7 +167,7 @@ impl Control {
         let nodes = self.lock();
         match store.changed(&self.model.load())? {
             Some(latest) => {
-                self.publish(latest, *nodes)?;
+                self.publish(latest, *nodes, false)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -177,7 +182,7 @@ impl Control {
         if *current == nodes {
             return Ok(false);
         }
-        self.engine.apply_shared(self.model.load_full(), nodes)?;
+        self.engine.apply_validated(self.model.load_full(), nodes)?;
         *current = nodes;
         Ok(true)
     }

@@ -41,7 +41,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -751,9 +751,11 @@ impl Compiled {
 
 /// The keyed hashes of the engine, with keys drawn at random per engine.
 struct Hashers {
-    /// SipHash-1-3 with 128-bit output over an API key value.
+    /// SipHash-1-3 with 128-bit output over an API key value: the digest stands in for the
+    /// secret, so it is a keyed cryptographic hash.
     value: (u64, u64),
-    id: RandomState,
+    /// Key ids (not secret, chosen by the gateway or its operator): a fast seeded hash.
+    id: foldhash::fast::RandomState,
 }
 
 impl std::fmt::Debug for Hashers {
@@ -766,7 +768,7 @@ impl Hashers {
     fn new() -> Hashers {
         Hashers {
             value: (rand::random(), rand::random()),
-            id: RandomState::new(),
+            id: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -862,6 +864,7 @@ impl Engine {
         let hashers = Hashers::new();
         let mut admin = Admin::default();
         let mut spill = Vec::new();
+        model.validate()?;
         let model = Arc::new(model);
         let compiled = compile(
             &model,
@@ -927,6 +930,13 @@ impl Engine {
     /// [`crate::control::scale`]). The engine keeps `model` itself, shared with the caller, so
     /// the configuration is held once however many keys it has.
     pub fn apply_shared(&self, model: Arc<Model>, nodes: u32) -> Result<(), ModelError> {
+        model.validate()?;
+        self.apply_validated(model, nodes)
+    }
+
+    /// [`Engine::apply_shared`] for a model the caller has just checked with
+    /// [`Model::validate`]: the check is a pass over every key, not repeated here.
+    pub fn apply_validated(&self, model: Arc<Model>, nodes: u32) -> Result<(), ModelError> {
         let scaled = (nodes > 1).then(|| crate::control::scale(&model, nodes));
         let mut admin = lock(&self.admin);
         let old = self.current.load_full();
@@ -1601,8 +1611,8 @@ fn compile_tree(resources: &[Resource]) -> Result<(CTree, Vec<Option<&Integratio
 }
 
 /// Builds a snapshot, reusing the state of `old` for everything that still exists.
-/// Compiles `model` (throttles already divided over the nodes) into a snapshot that keeps
-/// `given`, the configuration as the control plane holds it, without copying it.
+/// Compiles `model` (validated, throttles already divided over the nodes) into a snapshot that
+/// keeps `given`, the configuration as the control plane holds it, without copying it.
 fn compile(
     model: &Model,
     given: Arc<Model>,
@@ -1612,8 +1622,6 @@ fn compile(
     spill: &mut Vec<UsageDelta>,
     generation: u64,
 ) -> Result<Compiled, ModelError> {
-    model.validate()?;
-
     // Stage buckets of the old snapshot by (api, stage, path, verb).
     let mut old_stage_buckets: HashMap<(&str, &str, &str, &str), &Arc<Bucket>> = HashMap::new();
     if let Some(o) = old {
@@ -1756,7 +1764,8 @@ fn compile(
     }
 
     // Memberships by key id.
-    let mut plans_of_key: HashMap<&str, Vec<u32>> = HashMap::new();
+    let mut plans_of_key: foldhash::HashMap<&str, Vec<u32>> =
+        foldhash::HashMapExt::with_capacity(model.usage_plan_keys.len());
     for upk in &model.usage_plan_keys {
         if let Some(&pi) = plan_index.get(&upk.usage_plan_id) {
             plans_of_key
@@ -1804,7 +1813,8 @@ fn compile(
     let mut keys = vec![KeyRec::default(); max_slot];
     let mut key_ids = String::new();
     let mut members = Vec::with_capacity(n);
-    let mut kept_cells: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    // Cells of the old snapshot that carry over, by cell index.
+    let mut kept_cells = vec![false; admin.next_cell as usize];
     for &(slot, i) in &assigned {
         let key = &model.api_keys[i];
         let old_members: &[Member] = match old {
@@ -1832,7 +1842,9 @@ fn compile(
             });
             let cell = match prev {
                 Some((_, m)) => {
-                    kept_cells.insert(m.cell);
+                    if let Some(kept) = kept_cells.get_mut(m.cell as usize) {
+                        *kept = true;
+                    }
                     m.cell
                 }
                 None => admin.alloc_cell(),
@@ -1907,7 +1919,7 @@ fn compile(
     if let Some(o) = old {
         for k in o.keys.iter().filter(|k| k.live) {
             for m in o.members(k) {
-                if kept_cells.contains(&m.cell) {
+                if kept_cells.get(m.cell as usize).copied().unwrap_or(false) {
                     continue;
                 }
                 let plan = &o.plans[m.plan as usize];

@@ -54,7 +54,6 @@
 //! Every call blocks on disk I/O (an fsync per write); async callers run it on a blocking thread.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -786,16 +785,33 @@ fn plan_changes<'a, T: Row>(
     new: &'a [T],
     mut stored_seq: impl FnMut(&T) -> Result<Option<u64>, StateError>,
 ) -> Result<Changes<'a, T>, PlanError> {
-    let mut new_ids = HashSet::with_capacity(new.len());
+    use foldhash::{HashMapExt, HashSetExt};
+    let mut new_ids = foldhash::HashSet::with_capacity(new.len());
     for row in new {
         if !new_ids.insert(row.ident()) {
             return Err(PlanError::Duplicate(show_ident(row.ident())));
         }
     }
-    let Some(old) = old else {
+    let Some(old_all) = old else {
         return Ok(Changes::Rewrite);
     };
-    let mut old_by_id = HashMap::with_capacity(old.len());
+    // Most changes touch a few entries: the entries equal in both at the start and at the end
+    // stay as they are, and only the rest is compared by id. (`new`'s ids are unique, so an id
+    // of the compared part occurs nowhere else in `new`, and `old` was written unique.)
+    let head = old_all.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let tail = old_all[head..]
+        .iter()
+        .rev()
+        .zip(new[head..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let old = &old_all[head..old_all.len() - tail];
+    let before_first = head.checked_sub(1).map(|i| &new[i]);
+    let after_last = new.get(new.len() - tail);
+    let all_new = new;
+    let new = &all_new[head..all_new.len() - tail];
+    let new_ids: foldhash::HashSet<_> = new.iter().map(Row::ident).collect();
+    let mut old_by_id = foldhash::HashMap::with_capacity(old.len());
     for row in old {
         if old_by_id.insert(row.ident(), row).is_some() {
             // Not something this store wrote: start over.
@@ -816,7 +832,10 @@ fn plan_changes<'a, T: Row>(
         .collect();
 
     let mut puts = Vec::new();
-    let mut prev: Prev<'a, T> = Prev::Start;
+    let mut prev: Prev<'a, T> = match before_first {
+        Some(row) => Prev::Unchanged(row),
+        None => Prev::Start,
+    };
     let mut i = 0;
     while i < new.len() {
         let row = &new[i];
@@ -847,8 +866,9 @@ fn plan_changes<'a, T: Row>(
             },
         };
         let count = (j - i) as u64;
-        let step = if j < new.len() {
-            match stored_seq(&new[j])? {
+        let next = new.get(j).or(after_last);
+        let step = if let Some(next) = next {
+            match stored_seq(next)? {
                 Some(hi) if hi > lo && (hi - lo) / (count + 1) > 0 => (hi - lo) / (count + 1),
                 _ => return Ok(Changes::Rewrite),
             }
@@ -1520,6 +1540,39 @@ mod tests {
         let mut swapped = keys.clone();
         swapped.swap(1, 2);
         assert_eq!(plan(&swapped), (None, 0));
+
+        // At the ends: no neighbour on one side.
+        let mut first = keys.clone();
+        first[0].enabled = false;
+        let put = vec![("k0".to_string(), SEQ_GAP)];
+        assert_eq!(plan(&first), (Some((vec![], put)), 1));
+
+        let mut last = keys.clone();
+        last[999].enabled = false;
+        let put = vec![("k999".to_string(), 1000 * SEQ_GAP)];
+        assert_eq!(plan(&last), (Some((vec![], put)), 1));
+
+        let mut prepended = keys.clone();
+        prepended.insert(0, ApiKey::new("new", "value-of-new-0123456789"));
+        let put = vec![("new".to_string(), SEQ_GAP / 2)];
+        assert_eq!(plan(&prepended), (Some((vec![], put)), 1));
+
+        let mut shrunk = keys.clone();
+        shrunk.remove(999);
+        shrunk.remove(0);
+        let gone = vec!["k0".to_string(), "k999".to_string()];
+        assert_eq!(plan(&shrunk), (Some((gone, vec![])), 0));
+
+        // Two changes far apart: everything between them is compared, nothing else changes.
+        let mut two = keys.clone();
+        two[100].enabled = false;
+        two[900].enabled = false;
+        let puts = vec![
+            ("k100".to_string(), 101 * SEQ_GAP),
+            ("k900".to_string(), 901 * SEQ_GAP),
+        ];
+        assert_eq!(plan(&two), (Some((vec![], puts)), 2));
+        assert_eq!(plan(&keys), (Some((vec![], vec![])), 0));
     }
 
     #[test]
