@@ -128,13 +128,22 @@ impl Control {
             self.engine.apply_shared(model.clone(), nodes)?;
         }
         self.model.store(model);
-        release_freed_memory();
         Ok(())
     }
 
     /// Applies `change` to a copy of the configuration; when it succeeds and the result is
     /// valid, persists and publishes it. Blocking (it waits for the disk).
     pub fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Model) -> Result<T, ModelError>,
+    ) -> Result<T, ControlError> {
+        let out = self.update_locked(change);
+        // The copy, the old snapshot and the old tables are gone by now, whatever happened.
+        release_freed_memory();
+        out
+    }
+
+    fn update_locked<T>(
         &self,
         change: impl FnOnce(&mut Model) -> Result<T, ModelError>,
     ) -> Result<T, ControlError> {
@@ -168,6 +177,8 @@ impl Control {
         match store.changed(&self.model.load())? {
             Some(latest) => {
                 self.publish(latest, *nodes, false)?;
+                drop(nodes);
+                release_freed_memory();
                 Ok(true)
             }
             None => Ok(false),
@@ -184,6 +195,8 @@ impl Control {
         }
         self.engine.apply_validated(self.model.load_full(), nodes)?;
         *current = nodes;
+        drop(current);
+        release_freed_memory();
         Ok(true)
     }
 }

@@ -202,6 +202,11 @@ struct SaveStats {
     deleted: usize,
 }
 
+/// The store's page cache. The configuration is read once at start-up and written in small
+/// diffs, and usage rows are small: 64 MiB is plenty, where redb's default (1 GiB) would keep
+/// most of a million-key database resident.
+pub const CACHE_BYTES: usize = 64 << 20;
+
 impl StateDb {
     /// Opens `<dir>/gateway.redb`, creating the directory and an empty database if missing.
     /// Fails with [`StateError::InUse`] while another `StateDb` (in any process) has it open.
@@ -211,7 +216,10 @@ impl StateDb {
             reason,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::create(&path) {
+        let db = match Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StateError::InUse { path });
