@@ -175,48 +175,48 @@ impl Collector for XdpCounters {
             return Ok(());
         }
         for (name, value) in stats::NAMES.iter().zip(&self.values) {
-            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
-            let name = format!("xdp_{name}");
-            let metric = encoder.encode_descriptor(
-                &name,
+            one(
+                &mut encoder,
+                &format!("xdp_{name}"),
                 "Packets seen by the XDP program, summed over CPUs",
-                None,
-                counter.metric_type(),
+                ConstCounter::new(value.load(Ordering::Relaxed)),
             )?;
-            counter.encode(metric)?;
         }
-        let gauge = ConstGauge::new(self.bound_flows.load(Ordering::Relaxed) as i64);
-        let metric = encoder.encode_descriptor(
+        one(
+            &mut encoder,
             "xdp_bound_flows",
             "Data-plane connections bound to an API key in the kernel",
-            None,
-            gauge.metric_type(),
+            ConstGauge::new(self.bound_flows.load(Ordering::Relaxed) as i64),
         )?;
-        gauge.encode(metric)?;
-        let syncs = ConstCounter::new(self.key_syncs.load(Ordering::Relaxed));
-        let metric = encoder.encode_descriptor(
+        one(
+            &mut encoder,
             "xdp_key_syncs",
             "Walks of every API key that brought the kernel key buckets in line with the configuration",
-            None,
-            syncs.metric_type(),
+            ConstCounter::new(self.key_syncs.load(Ordering::Relaxed)),
         )?;
-        syncs.encode(metric)?;
-        let took = ConstGauge::new(self.key_sync_nanos.load(Ordering::Relaxed) as f64 / 1e9);
-        let metric = encoder.encode_descriptor(
+        one(
+            &mut encoder,
             "xdp_key_sync_last_seconds",
             "Duration of the last kernel key sync (reading every key and writing the changed slots)",
-            None,
-            took.metric_type(),
+            ConstGauge::new(self.key_sync_nanos.load(Ordering::Relaxed) as f64 / 1e9),
         )?;
-        took.encode(metric)?;
-        let written = ConstGauge::new(self.key_sync_written.load(Ordering::Relaxed) as i64);
-        let metric = encoder.encode_descriptor(
+        one(
+            &mut encoder,
             "xdp_key_sync_last_written",
             "Kernel key slots written by the last kernel key sync",
-            None,
-            written.metric_type(),
+            ConstGauge::new(self.key_sync_written.load(Ordering::Relaxed) as i64),
         )?;
-        written.encode(metric)?;
         Ok(())
     }
+}
+
+/// Writes one unlabelled metric with its descriptor.
+fn one(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(m)
 }
