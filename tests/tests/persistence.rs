@@ -119,6 +119,13 @@ fn used_today(addr: SocketAddr, plan: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("no usage for {key} today: {values}"))
 }
 
+/// The TagResource/GetTags path of a resource (`/restapis/a1`), its ARN encoded as botocore
+/// sends it.
+fn tags_path(resource: &str) -> String {
+    let arn = format!("arn:aws:apigateway:us-east-1::{resource}");
+    format!("/tags/{}", arn.replace(':', "%3A").replace('/', "%2F"))
+}
+
 /// Every admin read that shows the configuration, as (path, answer).
 fn snapshot(
     addr: SocketAddr,
@@ -145,6 +152,9 @@ fn snapshot(
         format!("/usageplans/{plan}/keys"),
         "/apikeys?includeValues=true".to_owned(),
         "/account".to_owned(),
+        tags_path(&format!("/restapis/{id}")),
+        tags_path(&format!("/restapis/{id}/stages/prod")),
+        tags_path(&format!("/usageplans/{plan}")),
     ];
     for key in keys {
         paths.push(format!("/apikeys/{key}?includeValue=true"));
@@ -195,6 +205,36 @@ fn restart_keeps_every_resource_and_todays_usage() -> Result<()> {
             {"op": "replace", "path": "/throttleSettings/burstLimit", "value": "4000"},
         ]))),
     )?;
+    // A redeploy with the first deployment deleted, and tags on the API and its stage.
+    let stage_path = format!("/restapis/{}/stages/prod", api.id);
+    let first = admin_ok(gw.admin, "GET", &stage_path, None)?["deploymentId"].clone();
+    let first = first.as_str().context("deployment id")?.to_owned();
+    admin_ok(
+        gw.admin,
+        "POST",
+        &format!("/restapis/{}/deployments", api.id),
+        Some(&json!({"stageName": "prod", "description": "second"})),
+    )?;
+    admin_ok(
+        gw.admin,
+        "DELETE",
+        &format!("/restapis/{}/deployments/{first}", api.id),
+        None,
+    )?;
+    for (resource, tags) in [
+        (
+            format!("/restapis/{}", api.id),
+            json!({"owner": "api-team"}),
+        ),
+        (stage_path.clone(), json!({"env": "production"})),
+    ] {
+        admin_ok(
+            gw.admin,
+            "PUT",
+            &tags_path(&resource),
+            Some(&json!({ "tags": tags })),
+        )?;
+    }
     let plan = admin_ok(
         gw.admin,
         "POST",
@@ -254,6 +294,25 @@ fn restart_keeps_every_resource_and_todays_usage() -> Result<()> {
     for ((path, was), (_, is)) in before.iter().zip(&after) {
         assert_eq!(is, was, "GET {path} differs after the restart");
     }
+    let stage_tags = admin_ok(gw.admin, "GET", &tags_path(&stage_path), None)?;
+    assert_eq!(stage_tags, json!({"tags": {"env": "production"}}));
+    let deployments = admin_ok(
+        gw.admin,
+        "GET",
+        &format!("/restapis/{}/deployments", api.id),
+        None,
+    )?;
+    let ids: Vec<&Value> = deployments["item"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "the deleted deployment came back: {deployments}"
+    );
+    assert_ne!(ids[0]["id"], json!(first));
 
     let usage = usage_today(gw.admin, &plan)?;
     assert_eq!(usage[&key_a], json!([[N, QUOTA - N]]), "{usage}");
