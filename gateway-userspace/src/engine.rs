@@ -935,8 +935,9 @@ impl Engine {
     }
 
     /// [`Engine::apply_shared`] for a model the caller has just checked with
-    /// [`Model::validate`]: the check is a pass over every key, not repeated here.
-    pub fn apply_validated(&self, model: Arc<Model>, nodes: u32) -> Result<(), ModelError> {
+    /// [`Model::validate`]: the check is a pass over every key, not repeated here. With more
+    /// than one node the throttles are divided in a temporary copy that is compiled and dropped.
+    pub(crate) fn apply_validated(&self, model: Arc<Model>, nodes: u32) -> Result<(), ModelError> {
         let scaled = (nodes > 1).then(|| crate::control::scale(&model, nodes));
         let mut admin = lock(&self.admin);
         let old = self.current.load_full();
@@ -1842,6 +1843,10 @@ fn compile(
             });
             let cell = match prev {
                 Some((_, m)) => {
+                    debug_assert!(
+                        (m.cell as usize) < kept_cells.len(),
+                        "old cell beyond next_cell"
+                    );
                     if let Some(kept) = kept_cells.get_mut(m.cell as usize) {
                         *kept = true;
                     }

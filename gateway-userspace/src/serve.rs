@@ -382,6 +382,7 @@ async fn sync_fast_path(
         if generation == synced_generation && !due {
             continue;
         }
+        let changed = generation != synced_generation;
         let (fast_path, engine) = (fast_path.clone(), engine.clone());
         let synced = tokio::task::spawn_blocking(move || {
             let began = std::time::Instant::now();
@@ -391,22 +392,23 @@ async fn sync_fast_path(
             let written = fast_path.sync(&slots);
             let took = began.elapsed();
             let beyond = before - slots.len();
-            // The walk's temporary tables are the size of the key set.
+            // The walk's temporary tables are the size of the key set: hand them back after a
+            // configuration change, not on the once-a-second walks while keys are shed.
             drop(slots);
-            crate::control::release_freed_memory();
+            if changed {
+                crate::control::release_freed_memory();
+            }
             (written, beyond, took)
         })
         .await;
         match synced {
             Ok((written, beyond, took)) => {
                 metrics.xdp_key_synced(took, written as u64);
-                if written > 0 {
-                    tracing::info!(
-                        written,
-                        generation,
-                        took_ms = took.as_secs_f64() * 1e3,
-                        "kernel key buckets synced"
-                    );
+                let took_ms = took.as_secs_f64() * 1e3;
+                if written > 0 && changed {
+                    tracing::info!(written, generation, took_ms, "kernel key buckets synced");
+                } else if written > 0 {
+                    tracing::debug!(written, generation, took_ms, "kernel key buckets synced");
                 }
                 if beyond > 0 && !warned {
                     warned = true;

@@ -804,8 +804,8 @@ fn plan_changes<'a, T: Row>(
         return Ok(Changes::Rewrite);
     };
     // Most changes touch a few entries: the entries equal in both at the start and at the end
-    // stay as they are, and only the rest is compared by id. (`new`'s ids are unique, so an id
-    // of the compared part occurs nowhere else in `new`, and `old` was written unique.)
+    // stay as they are, and only the rest is compared by id (`new_ids` still holds all of
+    // `new`, so an `old` that repeats an id fails the order check below and is rewritten).
     let head = old_all.iter().zip(new).take_while(|(a, b)| a == b).count();
     let tail = old_all[head..]
         .iter()
@@ -818,7 +818,6 @@ fn plan_changes<'a, T: Row>(
     let after_last = new.get(new.len() - tail);
     let all_new = new;
     let new = &all_new[head..all_new.len() - tail];
-    let new_ids: foldhash::HashSet<_> = new.iter().map(Row::ident).collect();
     let mut old_by_id = foldhash::HashMap::with_capacity(old.len());
     for row in old {
         if old_by_id.insert(row.ident(), row).is_some() {
@@ -1581,6 +1580,15 @@ mod tests {
         ];
         assert_eq!(plan(&two), (Some((vec![], puts)), 2));
         assert_eq!(plan(&keys), (Some((vec![], vec![])), 0));
+
+        // An old list that repeats an id (not something this store wrote) is rewritten, even
+        // when the repeat sits in the part that did not change.
+        let a = ApiKey::new("a", "value-of-a-0123456789");
+        let x = ApiKey::new("x", "value-of-x-0123456789");
+        let old = [a.clone(), x.clone(), a.clone()];
+        let new = [a, x];
+        let planned = plan_changes(Some(&old), &new, |_| Ok(Some(SEQ_GAP))).expect("plan");
+        assert_eq!(planned, Changes::Rewrite);
     }
 
     #[test]
