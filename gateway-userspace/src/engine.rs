@@ -861,10 +861,19 @@ impl Engine {
         store: Arc<dyn UsageStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Engine, ModelError> {
+        model.validate()?;
+        Engine::new_validated(model, store, clock)
+    }
+
+    /// [`Engine::new`] for a model the caller has just checked with [`Model::validate`].
+    pub(crate) fn new_validated(
+        model: Model,
+        store: Arc<dyn UsageStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine, ModelError> {
         let hashers = Hashers::new();
         let mut admin = Admin::default();
         let mut spill = Vec::new();
-        model.validate()?;
         let model = Arc::new(model);
         let compiled = compile(
             &model,

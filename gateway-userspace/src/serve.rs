@@ -152,13 +152,18 @@ pub async fn run(
         })?;
 
     let stored = db.load_model()?;
+    // Validated once here (before it is stored), not again by the engine.
     let model = match load_model(&config).await? {
         Some(model) => {
             model.validate()?;
             db.save_model(stored.as_ref(), &model)?;
             model
         }
-        None => stored.unwrap_or_default(),
+        None => {
+            let model = stored.unwrap_or_default();
+            model.validate()?;
+            model
+        }
     };
     tracing::info!(
         state = %db.describe(),
@@ -167,7 +172,11 @@ pub async fn run(
         usage_plans = model.usage_plans.len(),
         "configuration loaded"
     );
-    let engine = Arc::new(Engine::new(model, db.usage(), Arc::new(SystemClock))?);
+    let engine = Arc::new(Engine::new_validated(
+        model,
+        db.usage(),
+        Arc::new(SystemClock),
+    )?);
     let control = Arc::new(Control::new(engine.clone(), Some(db.config())));
     crate::control::release_freed_memory();
     // Other nodes' changes reach this one until the watcher is dropped at the end of `run`.
