@@ -514,6 +514,13 @@ pub struct ApiCreate {
     /// Description of the API.
     #[arg(long)]
     pub description: Option<String>,
+    #[command(flatten)]
+    pub data: DataUrl,
+}
+
+/// `--data-url` of the commands that print invoke URLs.
+#[derive(Debug, Args)]
+pub struct DataUrl {
     /// Where clients reach the data plane (`gateway serve --listen`); only used to print the
     /// invoke URLs.
     #[arg(
@@ -536,15 +543,8 @@ pub struct ApiDeploy {
     /// Description of the deployment.
     #[arg(long)]
     pub description: Option<String>,
-    /// Where clients reach the data plane; only used to print the invoke URL.
-    #[arg(
-        long,
-        env = "GATEWAY_DATA_URL",
-        default_value = "http://127.0.0.1:8080",
-        value_name = "URL",
-        value_parser = Endpoint::parse
-    )]
-    pub data_url: Endpoint,
+    #[command(flatten)]
+    pub data: DataUrl,
 }
 
 /// `gateway plan ...`

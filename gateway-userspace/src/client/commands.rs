@@ -168,9 +168,9 @@ async fn api_create(c: &AdminClient, args: ApiCreate) -> Result<Output, ClientEr
         }
     };
     let stage = &args.stage;
-    let base = invoke_base(&args.data_url, &id, stage);
+    let base = invoke_base(&args.data.data_url, &id, stage);
     let upstream = upstream_base(&args);
-    let data = &args.data_url;
+    let data = &args.data.data_url;
     let mut text = format!(
         "Created REST API {name} (id {id}) and deployed it to stage {stage}.\n\
          Every path and method is forwarded to {upstream}/PATH.\n",
@@ -307,7 +307,7 @@ async fn api_deploy(c: &AdminClient, args: ApiDeploy) -> Result<Output, ClientEr
         id = args.id,
         stage = args.stage,
         dep = text(&deployment, "id"),
-        base = invoke_base(&args.data_url, &args.id, &args.stage),
+        base = invoke_base(&args.data.data_url, &args.id, &args.stage),
     );
     Ok(Output::new(deployment, text))
 }
