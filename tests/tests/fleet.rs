@@ -142,6 +142,16 @@ struct Fleet {
     plan: String,
 }
 
+impl Fleet {
+    /// [`wait_for`] on every node's data plane.
+    fn wait_all(&self, key: &str, want: u16, limit: Duration) -> Result<()> {
+        for node in &self.nodes {
+            wait_for(node.data, &self.path, key, want, limit)?;
+        }
+        Ok(())
+    }
+}
+
 /// Redis, an upstream, three nodes, and an API + plan created on node A and live on every node.
 fn fleet(test: &str, failure: &str, daily_quota: i64) -> Result<Option<(Fleet, RedisServer)>> {
     let Some(redis) = RedisServer::start(test)? else {
@@ -198,9 +208,7 @@ fn quota_holds_across_three_nodes() -> Result<()> {
     };
     let value = "fleet-quota-key-0123456789";
     let key = create_key(f.nodes[0].admin, &f.plan, value)?;
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
-    }
+    f.wait_all(value, 200, PROPAGATION)?;
     // Those three probes were admitted too.
     let started = Instant::now();
     let results = spend_quota(&f.nodes, &f.path, value, RATE)?;
@@ -293,9 +301,7 @@ fn hung_store_in_local_mode_keeps_serving_and_reconciles() -> Result<()> {
     };
     let value = "fleet-outage-key-0123456789";
     let key = create_key(f.nodes[0].admin, &f.plan, value)?;
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
-    }
+    f.wait_all(value, 200, PROPAGATION)?;
     let (before, _) = load(&f, value, 50)?;
     redis.signal(libc::SIGSTOP)?;
     let (during, slowest) = load(&f, value, 100)?;
@@ -333,41 +339,21 @@ fn hung_store_in_closed_mode_refuses_keyed_requests() -> Result<()> {
     };
     let value = "fleet-closed-key-0123456789";
     create_key(f.nodes[0].admin, &f.plan, value)?;
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
-    }
+    f.wait_all(value, 200, PROPAGATION)?;
     redis.signal(libc::SIGSTOP)?;
     // Each node notices at its next store call (flush or version check: within a second
     // plus the store timeout).
     let notice = FLUSH_INTERVAL + Duration::from_millis(STORE_TIMEOUT_MS) * 3;
-    for node in &f.nodes {
-        wait_for(
-            node.data,
-            &f.path,
-            value,
-            503,
-            notice + Duration::from_secs(1),
-        )?;
-    }
+    f.wait_all(value, 503, notice + Duration::from_secs(1))?;
     let (during, slowest) = load(&f, value, 10)?;
     ensure!(during.iter().all(|&s| s == 503), "statuses {during:?}");
     redis.signal(libc::SIGCONT)?;
-    for node in &f.nodes {
-        wait_for(
-            node.data,
-            &f.path,
-            value,
-            200,
-            notice + Duration::from_secs(1),
-        )?;
-    }
+    f.wait_all(value, 200, notice + Duration::from_secs(1))?;
     eprintln!("fleet: slowest 503 while Redis hung (closed mode): {slowest:?}");
     ensure!(slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300));
     Ok(())
 }
 
-/// Waits until `node` counts `want` live gateways (`gateway_fleet_nodes`, the count its
-/// throttles are divided by).
 #[test]
 fn hung_store_in_open_mode_waives_quota_until_it_returns() -> Result<()> {
     let Some((f, redis)) = fleet("fleet outage open", "open", 3)? else {
@@ -375,45 +361,27 @@ fn hung_store_in_open_mode_waives_quota_until_it_returns() -> Result<()> {
     };
     let value = "fleet-open-key-0123456789ab";
     create_key(f.nodes[0].admin, &f.plan, value)?;
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
-    }
+    f.wait_all(value, 200, PROPAGATION)?;
     // Spend the daily quota of 3 (one request went to each node above); the fleet total
     // reaches every node at its next flush.
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 429, FLUSH_INTERVAL * 3)?;
-    }
+    f.wait_all(value, 429, FLUSH_INTERVAL * 3)?;
     redis.signal(libc::SIGSTOP)?;
     // While the store is unreachable the quota cannot be checked fleet-wide: open mode
     // serves the key's requests rather than refusing them.
     let notice = FLUSH_INTERVAL + Duration::from_millis(STORE_TIMEOUT_MS) * 3;
-    for node in &f.nodes {
-        wait_for(
-            node.data,
-            &f.path,
-            value,
-            200,
-            notice + Duration::from_secs(1),
-        )?;
-    }
+    f.wait_all(value, 200, notice + Duration::from_secs(1))?;
     let (during, slowest) = load(&f, value, 10)?;
     ensure!(during.iter().all(|&s| s == 200), "statuses {during:?}");
     redis.signal(libc::SIGCONT)?;
     // Back to enforcing: the quota is spent, so 429 Limit Exceeded again.
-    for node in &f.nodes {
-        wait_for(
-            node.data,
-            &f.path,
-            value,
-            429,
-            notice + Duration::from_secs(1),
-        )?;
-    }
+    f.wait_all(value, 429, notice + Duration::from_secs(1))?;
     eprintln!("fleet: slowest request while Redis hung (open mode): {slowest:?}");
     ensure!(slowest < Duration::from_millis(STORE_TIMEOUT_MS + 300));
     Ok(())
 }
 
+/// Waits until `node` counts `want` live gateways (`gateway_fleet_nodes`, the count its
+/// throttles are divided by).
 fn wait_for_nodes(node: &Gateway, want: u64, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
     loop {
@@ -448,9 +416,7 @@ fn plan_throttle_holds_across_three_nodes() -> Result<()> {
     let plan = create_throttled_plan(f.nodes[0].admin, &f.api, 1_000_000, RATE, BURST)?;
     let value = "fleet-throttle-key-0123456789";
     create_key(f.nodes[0].admin, &plan, value)?;
-    for node in &f.nodes {
-        wait_for(node.data, &f.path, value, 200, PROPAGATION)?;
-    }
+    f.wait_all(value, 200, PROPAGATION)?;
     // Let the three probes' tokens come back: every bucket starts full.
     std::thread::sleep(Duration::from_secs(1));
 
