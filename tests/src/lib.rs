@@ -849,6 +849,45 @@ impl ProxyApi {
     }
 }
 
+/// Creates a usage plan `name` on API `api_id`'s `prod` stage with a throttle of
+/// `(rate, burst)` and, if given, a daily quota; returns its id.
+pub fn create_plan(
+    addr: SocketAddr,
+    api_id: &str,
+    name: &str,
+    (rate, burst): (f64, i64),
+    daily_quota: Option<i64>,
+) -> Result<String> {
+    let mut body = serde_json::json!({
+        "name": name,
+        "throttle": {"rateLimit": rate, "burstLimit": burst},
+        "apiStages": [{"apiId": api_id, "stage": "prod"}],
+    });
+    if let Some(limit) = daily_quota {
+        body["quota"] = serde_json::json!({"limit": limit, "period": "DAY"});
+    }
+    let plan = admin_ok(addr, "POST", "/usageplans", Some(&body))?;
+    Ok(plan["id"].as_str().context("plan id")?.to_owned())
+}
+
+/// Creates an enabled key `name` with `value` and adds it to `plan`; returns its id.
+pub fn create_plan_key(addr: SocketAddr, plan: &str, name: &str, value: &str) -> Result<String> {
+    let key = admin_ok(
+        addr,
+        "POST",
+        "/apikeys",
+        Some(&serde_json::json!({"name": name, "enabled": true, "value": value})),
+    )?;
+    let id = key["id"].as_str().context("key id")?.to_owned();
+    admin_ok(
+        addr,
+        "POST",
+        &format!("/usageplans/{plan}/keys"),
+        Some(&serde_json::json!({"keyId": id, "keyType": "API_KEY"})),
+    )?;
+    Ok(id)
+}
+
 /// Creates a REST API whose `ANY /{proxy+}` needs a key and forwards to `upstream`, and
 /// deploys it to stage `prod`.
 pub fn create_proxy_api(addr: SocketAddr, upstream: &Upstream, name: &str) -> Result<ProxyApi> {

@@ -20,10 +20,9 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use gateway_tests::{
-    Gateway, KeepAlive, RedisCluster, RedisServer, Upstream, admin_ok, create_proxy_api, curl,
-    metric, utc_today,
+    Gateway, KeepAlive, RedisCluster, RedisServer, Upstream, admin_ok, create_plan,
+    create_plan_key, create_proxy_api, curl, metric, utc_today,
 };
-use serde_json::json;
 
 /// How often a gateway flushes usage to the store.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,48 +53,6 @@ fn start_node_at(url: &str, failure: &str) -> Result<Gateway> {
             &timeout,
         ],
     )
-}
-
-fn create_plan(addr: SocketAddr, api: &str, daily_quota: i64) -> Result<String> {
-    create_throttled_plan(addr, api, daily_quota, 5000.0, 5000)
-}
-
-fn create_throttled_plan(
-    addr: SocketAddr,
-    api: &str,
-    daily_quota: i64,
-    rate: f64,
-    burst: i64,
-) -> Result<String> {
-    let plan = admin_ok(
-        addr,
-        "POST",
-        "/usageplans",
-        Some(&json!({
-            "name": "fleet",
-            "throttle": {"rateLimit": rate, "burstLimit": burst},
-            "quota": {"limit": daily_quota, "period": "DAY"},
-            "apiStages": [{"apiId": api, "stage": "prod"}],
-        })),
-    )?;
-    Ok(plan["id"].as_str().context("plan id")?.to_owned())
-}
-
-fn create_key(addr: SocketAddr, plan: &str, value: &str) -> Result<String> {
-    let key = admin_ok(
-        addr,
-        "POST",
-        "/apikeys",
-        Some(&json!({"name": value, "enabled": true, "value": value})),
-    )?;
-    let id = key["id"].as_str().context("key id")?.to_owned();
-    admin_ok(
-        addr,
-        "POST",
-        &format!("/usageplans/{plan}/keys"),
-        Some(&json!({"keyId": id, "keyType": "API_KEY"})),
-    )?;
-    Ok(id)
 }
 
 fn used_today(addr: SocketAddr, plan: &str, key: &str) -> Result<u64> {
@@ -162,7 +119,13 @@ fn fleet(test: &str, failure: &str, daily_quota: i64) -> Result<Option<(Fleet, R
         .map(|_| start_node(&redis, failure))
         .collect::<Result<Vec<_>>>()?;
     let api = create_proxy_api(nodes[0].admin, &upstream, "shop")?.id;
-    let plan = create_plan(nodes[0].admin, &api, daily_quota)?;
+    let plan = create_plan(
+        nodes[0].admin,
+        &api,
+        "fleet",
+        (5000.0, 5000),
+        Some(daily_quota),
+    )?;
     let path = format!("/restapis/{api}/prod/_user_request_/pets");
     // Redis is handed back beside the fleet so a test can hang and resume it.
     let fleet = Fleet {
@@ -184,7 +147,7 @@ fn key_created_on_one_node_works_on_another_within_a_second() -> Result<()> {
     let mut worst = Duration::ZERO;
     for n in 0..3 {
         let value = format!("fleet-propagation-key-{n}-0123456789");
-        create_key(a.admin, &f.plan, &value)?;
+        create_plan_key(a.admin, &f.plan, &value, &value)?;
         let took = wait_for(c.data, &f.path, &value, 200, PROPAGATION)?;
         worst = worst.max(took);
     }
@@ -207,7 +170,7 @@ fn quota_holds_across_three_nodes() -> Result<()> {
         return Ok(());
     };
     let value = "fleet-quota-key-0123456789";
-    let key = create_key(f.nodes[0].admin, &f.plan, value)?;
+    let key = create_plan_key(f.nodes[0].admin, &f.plan, value, value)?;
     f.wait_all(value, 200, PROPAGATION)?;
     // Those three probes were admitted too.
     let started = Instant::now();
@@ -300,7 +263,7 @@ fn hung_store_in_local_mode_keeps_serving_and_reconciles() -> Result<()> {
         return Ok(());
     };
     let value = "fleet-outage-key-0123456789";
-    let key = create_key(f.nodes[0].admin, &f.plan, value)?;
+    let key = create_plan_key(f.nodes[0].admin, &f.plan, value, value)?;
     f.wait_all(value, 200, PROPAGATION)?;
     let (before, _) = load(&f, value, 50)?;
     redis.signal(libc::SIGSTOP)?;
@@ -338,7 +301,7 @@ fn hung_store_in_closed_mode_refuses_keyed_requests() -> Result<()> {
         return Ok(());
     };
     let value = "fleet-closed-key-0123456789";
-    create_key(f.nodes[0].admin, &f.plan, value)?;
+    create_plan_key(f.nodes[0].admin, &f.plan, value, value)?;
     f.wait_all(value, 200, PROPAGATION)?;
     redis.signal(libc::SIGSTOP)?;
     // Each node notices at its next store call (flush or version check: within a second
@@ -360,7 +323,7 @@ fn hung_store_in_open_mode_waives_quota_until_it_returns() -> Result<()> {
         return Ok(());
     };
     let value = "fleet-open-key-0123456789ab";
-    create_key(f.nodes[0].admin, &f.plan, value)?;
+    create_plan_key(f.nodes[0].admin, &f.plan, value, value)?;
     f.wait_all(value, 200, PROPAGATION)?;
     // Spend the daily quota of 3 (one request went to each node above); the fleet total
     // reaches every node at its next flush.
@@ -413,9 +376,15 @@ fn plan_throttle_holds_across_three_nodes() -> Result<()> {
     for node in &f.nodes {
         joined = joined.max(wait_for_nodes(node, 3, Duration::from_secs(5))?);
     }
-    let plan = create_throttled_plan(f.nodes[0].admin, &f.api, 1_000_000, RATE, BURST)?;
+    let plan = create_plan(
+        f.nodes[0].admin,
+        &f.api,
+        "fleet",
+        (RATE, BURST),
+        Some(1_000_000),
+    )?;
     let value = "fleet-throttle-key-0123456789";
-    create_key(f.nodes[0].admin, &plan, value)?;
+    create_plan_key(f.nodes[0].admin, &plan, value, value)?;
     f.wait_all(value, 200, PROPAGATION)?;
     // Let the three probes' tokens come back: every bucket starts full.
     std::thread::sleep(Duration::from_secs(1));
@@ -492,11 +461,11 @@ fn redis_cluster_shares_keys_quota_and_usage() -> Result<()> {
         wait_for_nodes(node, 2, Duration::from_secs(5))?;
     }
     let api = create_proxy_api(a.admin, &upstream, "shop")?.id;
-    let plan = create_plan(a.admin, &api, QUOTA as i64)?;
+    let plan = create_plan(a.admin, &api, "fleet", (5000.0, 5000), Some(QUOTA as i64))?;
     let path = format!("/restapis/{api}/prod/_user_request_/pets");
 
     let value = "fleet-cluster-key-0123456789";
-    let key = create_key(a.admin, &plan, value)?;
+    let key = create_plan_key(a.admin, &plan, value, value)?;
     let took = wait_for(b.data, &path, value, 200, PROPAGATION)?;
     wait_for(a.data, &path, value, 200, PROPAGATION)?;
     eprintln!(

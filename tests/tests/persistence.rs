@@ -20,8 +20,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use gateway_tests::{
-    Gateway, KeepAlive, ProxyApi, TempDir, Upstream, admin, admin_ok, create_proxy_api,
-    gateway_bin, run_bounded, utc_today,
+    Gateway, KeepAlive, ProxyApi, TempDir, Upstream, admin, admin_ok, create_plan, create_plan_key,
+    create_proxy_api, gateway_bin, run_bounded, utc_today,
 };
 use serde_json::{Value, json};
 
@@ -59,44 +59,6 @@ fn stop(gw: &mut Gateway) -> Result<()> {
         gw.stderr()
     );
     Ok(())
-}
-
-/// Creates a usage plan on `api`'s `prod` stage; returns its id.
-fn create_plan(
-    addr: SocketAddr,
-    api: &ProxyApi,
-    name: &str,
-    (rate, burst): (f64, i64),
-    daily_quota: Option<i64>,
-) -> Result<String> {
-    let mut body = json!({
-        "name": name,
-        "throttle": {"rateLimit": rate, "burstLimit": burst},
-        "apiStages": [{"apiId": api.id, "stage": "prod"}],
-    });
-    if let Some(limit) = daily_quota {
-        body["quota"] = json!({"limit": limit, "period": "DAY"});
-    }
-    let plan = admin_ok(addr, "POST", "/usageplans", Some(&body))?;
-    Ok(plan["id"].as_str().context("plan id")?.to_owned())
-}
-
-/// Creates an enabled key with `value` and adds it to `plan`; returns its id.
-fn create_key(addr: SocketAddr, plan: &str, name: &str, value: &str) -> Result<String> {
-    let key = admin_ok(
-        addr,
-        "POST",
-        "/apikeys",
-        Some(&json!({"name": name, "enabled": true, "value": value})),
-    )?;
-    let id = key["id"].as_str().context("key id")?.to_owned();
-    admin_ok(
-        addr,
-        "POST",
-        &format!("/usageplans/{plan}/keys"),
-        Some(&json!({"keyId": id, "keyType": "API_KEY"})),
-    )?;
-    Ok(id)
 }
 
 /// GetUsage of `plan` for today: `{keyId: [[used, remaining]]}`.
@@ -274,7 +236,7 @@ fn restart_keeps_every_resource_and_todays_usage() -> Result<()> {
         &format!("/usageplans/{plan}/keys"),
         Some(&json!({"keyId": key_a, "keyType": "API_KEY"})),
     )?;
-    let key_b = create_key(gw.admin, &plan, "key-b", KEY_B)?;
+    let key_b = create_plan_key(gw.admin, &plan, "key-b", KEY_B)?;
 
     let mut client = KeepAlive::new(gw.data);
     for (key, count) in [(KEY_A, N), (KEY_B, M)] {
@@ -372,12 +334,12 @@ fn kill_9_under_load_loses_at_most_one_flush_interval() -> Result<()> {
     let api = create_proxy_api(gw.admin, &upstream, "loaded")?;
     let plan = create_plan(
         gw.admin,
-        &api,
+        &api.id,
         "loaded-plan",
         (10_000.0, 5_000),
         Some(10_000_000),
     )?;
-    let key = create_key(gw.admin, &plan, "load", KEY)?;
+    let key = create_plan_key(gw.admin, &plan, "load", KEY)?;
 
     let sent = Arc::new(AtomicU64::new(0));
     let load = {
@@ -533,9 +495,9 @@ fn admin_changes_reach_the_data_plane_within_one_second() -> Result<()> {
 
     let mut gw = start(&dir)?;
     let api = create_proxy_api(gw.admin, &upstream, "live")?;
-    let plan = create_plan(gw.admin, &api, "live-plan", (1_000.0, 1_000), None)?;
-    let key_a = create_key(gw.admin, &plan, "a", KEY_A)?;
-    create_key(gw.admin, &plan, "b", KEY_B)?;
+    let plan = create_plan(gw.admin, &api.id, "live-plan", (1_000.0, 1_000), None)?;
+    let key_a = create_plan_key(gw.admin, &plan, "a", KEY_A)?;
+    create_plan_key(gw.admin, &plan, "b", KEY_B)?;
     let path = api.path();
     let mut client = KeepAlive::new(gw.data);
     let burst = |client: &mut KeepAlive, key: &str| -> Result<Vec<(u16, String)>> {
@@ -589,7 +551,7 @@ fn admin_changes_reach_the_data_plane_within_one_second() -> Result<()> {
     // (c) A new key in the plan is admitted.
     let (status, _) = client.get(&path, Some(KEY_C))?;
     assert_eq!(status, 403, "a key that does not exist yet");
-    let key_c = create_key(gw.admin, &plan, "c", KEY_C)?;
+    let key_c = create_plan_key(gw.admin, &plan, "c", KEY_C)?;
     let since = Instant::now();
     let ((_, body), added) = within_propagation(
         since,
@@ -642,8 +604,8 @@ fn second_gateway_on_a_state_dir_in_use_refuses_to_start() -> Result<()> {
     let dir = state.path.join("state");
     let mut first = start(&dir)?;
     let api = create_proxy_api(first.admin, &upstream, "locked")?;
-    let plan = create_plan(first.admin, &api, "locked-plan", (100.0, 100), None)?;
-    create_key(first.admin, &plan, "lock", KEY)?;
+    let plan = create_plan(first.admin, &api.id, "locked-plan", (100.0, 100), None)?;
+    create_plan_key(first.admin, &plan, "lock", KEY)?;
 
     let mut second = std::process::Command::new(gateway_bin());
     second.args([
