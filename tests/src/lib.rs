@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -434,6 +434,43 @@ impl NetPair {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(pair)
+    }
+
+    /// Starts the gateway in the gateway namespace, listening on its veth address, with its
+    /// XDP program attached natively to that veth, plus `args`. `None` (after saying so) when
+    /// this binary has no XDP program and privileged tests are not required; fails unless the
+    /// program is attached natively.
+    pub fn start_gateway_with_xdp(&self, args: &[&str]) -> Result<Option<Gateway>> {
+        let listen = format!("{}:0", self.gateway_ip);
+        let mut all = vec![
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--xdp-iface",
+            &self.gateway_if,
+            "--xdp-mode",
+            "native",
+        ];
+        all.extend_from_slice(args);
+        let gateway = match Gateway::start(Some(&self.gateway), &all) {
+            Err(e)
+                if e.to_string().contains("built without the XDP program")
+                    && !privileged_required() =>
+            {
+                eprintln!(
+                    "skipped: this gateway binary has no XDP program (use `cargo xtask test`)"
+                );
+                return Ok(None);
+            }
+            other => other?,
+        };
+        let link = ip(&["-n", &self.gateway, "link", "show", &self.gateway_if])?;
+        ensure!(
+            link.contains("prog/xdp"),
+            "XDP is not attached natively: {link}"
+        );
+        Ok(Some(gateway))
     }
 }
 

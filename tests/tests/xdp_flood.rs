@@ -26,8 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use gateway::plan::{ApiKey, Method, Model, RestApi, Stage, UsagePlan};
 use gateway_tests::{
-    Gateway, NetPair, TempDir, Upstream, can_run_privileged, curl, enter_netns, http1_get, ip,
-    metric, privileged_required,
+    NetPair, TempDir, Upstream, can_run_privileged, curl, enter_netns, http1_get, ip, metric,
 };
 
 /// Subnet number of this test's [`NetPair`] (10.77.N.0/24), apart from other namespace tests.
@@ -86,40 +85,12 @@ fn xdp_sheds_a_flood_and_spares_a_calm_key() -> Result<()> {
     let config = dir.path.join("model.json");
     std::fs::write(&config, serde_json::to_string(&model(&upstream))?)?;
     let config = config.display().to_string();
-    let listen = format!("{}:0", net.gateway_ip);
     let headroom = HEADROOM.to_string();
-    let started = Gateway::start(
-        Some(&net.gateway),
-        &[
-            "--listen",
-            &listen,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-            &config,
-            "--xdp-iface",
-            &net.gateway_if,
-            "--xdp-mode",
-            "native",
-            "--xdp-headroom",
-            &headroom,
-        ],
-    );
-    let gateway = match started {
-        Err(e)
-            if e.to_string().contains("built without the XDP program")
-                && !privileged_required() =>
-        {
-            eprintln!("skipped: this gateway binary has no XDP program (use `cargo xtask test`)");
-            return Ok(());
-        }
-        other => other?,
+    let Some(gateway) =
+        net.start_gateway_with_xdp(&["--config", &config, "--xdp-headroom", &headroom])?
+    else {
+        return Ok(());
     };
-    let link = ip(&["-n", &net.gateway, "link", "show", &net.gateway_if])?;
-    assert!(
-        link.contains("prog/xdp"),
-        "XDP is not attached natively: {link}"
-    );
     let SocketAddr::V4(data) = gateway.data else {
         bail!("the data plane listens on IPv4: {}", gateway.data);
     };

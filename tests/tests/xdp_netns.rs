@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gateway_tests::{
-    Gateway, NetPair, Upstream, can_run_privileged, curl, ip, metric, privileged_required,
-};
+use gateway_tests::{NetPair, Upstream, can_run_privileged, curl, ip, metric};
 
 #[test]
 fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
@@ -14,38 +12,10 @@ fn xdp_counts_requests_through_veth_in_namespaces() -> anyhow::Result<()> {
     }
     let net = NetPair::create(1)?;
     let upstream = Upstream::start_in(Some(&net.gateway), "127.0.0.1:0".parse()?)?;
-    let listen = format!("{}:0", net.gateway_ip);
     let upstream_url = format!("http://{}", upstream.addr);
-    let started = Gateway::start(
-        Some(&net.gateway),
-        &[
-            "--listen",
-            &listen,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream_url,
-            "--xdp-iface",
-            &net.gateway_if,
-            "--xdp-mode",
-            "native",
-        ],
-    );
-    let mut gateway = match started {
-        Err(e)
-            if e.to_string().contains("built without the XDP program")
-                && !privileged_required() =>
-        {
-            eprintln!("skipped: this gateway binary has no XDP program (use `cargo xtask test`)");
-            return Ok(());
-        }
-        other => other?,
+    let Some(mut gateway) = net.start_gateway_with_xdp(&["--upstream", &upstream_url])? else {
+        return Ok(());
     };
-    let link = ip(&["-n", &net.gateway, "link", "show", &net.gateway_if])?;
-    assert!(
-        link.contains("prog/xdp"),
-        "XDP is not attached natively: {link}"
-    );
 
     const REQUESTS: u64 = 5;
     for i in 0..REQUESTS {
