@@ -650,28 +650,15 @@ pub fn admin_ok(
     Ok(json)
 }
 
-/// The UTC calendar date `yyyy-MM-dd` of `unix_secs` (proleptic Gregorian).
-pub fn utc_date(unix_secs: u64) -> String {
-    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
-    let z = i64::try_from(unix_secs / 86_400).unwrap_or(i64::MAX) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 /// Today's UTC date, `yyyy-MM-dd` (the day usage is counted under).
 pub fn utc_today() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    utc_date(now)
+    let days = i64::try_from(now / 86_400).unwrap_or(i64::MAX);
+    let (year, month, day) = gateway::quota::civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// One HTTP/1.1 keep-alive connection for sending many small requests quickly; it

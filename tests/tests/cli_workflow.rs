@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use gateway_tests::{Gateway, Upstream, curl, gateway_bin};
+use gateway_tests::{Gateway, Upstream, curl, gateway_bin, utc_today};
 use serde_json::Value;
 
 const LISTEN: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
@@ -147,24 +147,6 @@ fn call_until(url: &str, key: Option<&str>, want: u16, within: Duration) -> Resu
     }
 }
 
-/// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian calendar).
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_secs();
-    let z = i64::try_from(secs / 86_400).expect("days fit i64") + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 #[test]
 fn silver_plan_workflow_with_the_gateway_cli() -> Result<()> {
     let upstream = Upstream::start()?;
@@ -250,7 +232,7 @@ fn silver_plan_workflow_with_the_gateway_cli() -> Result<()> {
     assert_eq!(call(&hello, Some("not-a-key-of-this-gateway"))?.0, 403);
 
     // Usage shows the three admitted requests (counters are flushed every second).
-    let day = today();
+    let day = utc_today();
     let deadline = Instant::now() + Duration::from_secs(3);
     let usage = loop {
         let usage = cli.json(&["usage", &plan_id])?;
