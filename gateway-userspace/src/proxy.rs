@@ -205,16 +205,7 @@ impl Proxy {
         let method = req.method().clone();
         let (labels, mut response) = self.process(req, peer, conn).await;
         let status = response.status().as_u16();
-        self.metrics.request(
-            RequestLabels {
-                api: labels.api.clone(),
-                stage: labels.stage.clone(),
-                resource: labels.resource.clone(),
-                status,
-                outcome: labels.outcome,
-            },
-            started.elapsed(),
-        );
+        let elapsed = started.elapsed();
         tracing::info!(
             target: "access",
             request_id,
@@ -226,7 +217,18 @@ impl Proxy {
             key_id = labels.key_id.as_deref().unwrap_or("-"),
             status,
             outcome = labels.outcome,
-            micros = started.elapsed().as_micros() as u64,
+            micros = elapsed.as_micros() as u64,
+        );
+        // The labels move into the metric: no copies per request.
+        self.metrics.request(
+            RequestLabels {
+                api: labels.api,
+                stage: labels.stage,
+                resource: labels.resource,
+                status,
+                outcome: labels.outcome,
+            },
+            elapsed,
         );
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID, value);
