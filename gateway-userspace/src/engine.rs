@@ -37,7 +37,12 @@
 //! Choices for unconfirmed points: throttles are checked before the quota (a throttled request
 //! never consumes quota); when the stage behind a route disappears in a swap the request is
 //! `Forbidden` with [`ForbiddenReason::RouteGone`]; a store that fails at start-up leaves counters
-//! at zero (fail open, as AWS does when its usage-plan check fails) and is logged.
+//! at zero (fail open, as AWS does when its usage-plan check fails) and is logged. A wall clock
+//! stepped backwards by more than a second does not hold traffic back for the length of the step:
+//! the buckets it left in the future restart empty (see [`crate::limit`]). Quota counters keep
+//! one period each and follow the clock's calendar: a step back over the start of a period counts
+//! the earlier period again from zero, and the later one from zero once the clock returns, so such
+//! a step can grant a key up to one more period's limit.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -1056,6 +1061,7 @@ impl Engine {
                     plan_id: None,
                     limits: Limits::default(),
                 },
+                Err(r) if self.rewound(&layers, &r) => self.decide(route, api_key),
                 Err(r) => Decision::Throttled {
                     layer: r.layer,
                     retry_after_ns: r.retry_after_ns,
@@ -1183,6 +1189,9 @@ impl Engine {
             },
         };
         if let Err(r) = layers.peek(now) {
+            if self.rewound(&layers, &r) {
+                return self.decide(route, api_key);
+            }
             return throttled(r);
         }
         let mut quota_after = None;
@@ -1219,6 +1228,14 @@ impl Engine {
                 throttle: throttle_status(now),
             },
         }
+    }
+
+    /// After a throttle rejection: whether it came from buckets the clock has since been
+    /// stepped back behind, now restarted (see [`Layers::rewind`]). The request is then decided
+    /// again; nothing was taken by the rejected attempt.
+    #[cold]
+    fn rewound(&self, layers: &Layers<'_>, r: &limit::Rejected) -> bool {
+        r.retry_after_ns > limit::CLOCK_STEP_NS && layers.rewind(self.clock.now())
     }
 
     #[cold]

@@ -18,6 +18,16 @@
 //! the result is exact; under contention a refund can at most restore a token that had already
 //! been refilled meanwhile, i.e. at most one extra admission per lost race, and only when a bucket
 //! was within one token of full at that moment.
+//!
+//! Clock steps: buckets keep TATs on the engine's wall clock. When that clock is stepped backwards
+//! (an NTP correction, a virtual machine resumed from a snapshot) every TAT written before the
+//! step lies in the future by the size of the step, and read naively every bucket, the account
+//! bucket included, would reject everything until the clock caught up again. A TAT can never lie
+//! more than `tolerance` ahead of the clock that wrote it, so one that lies more than
+//! [`CLOCK_STEP_NS`] beyond that is taken as a step: [`Layers::rewind`] restarts such a bucket
+//! empty at the current time, and its next token comes one emission interval later. Restarting it
+//! empty (not full) keeps the bound `burst + rate*T` on the real timeline. Steps shorter than
+//! [`CLOCK_STEP_NS`] are absorbed as a pause of at most that length.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,6 +51,11 @@ pub fn params(rate: f64, burst: u64) -> GcraParams {
     }
     GcraParams::from_interval(interval.max(1), burst)
 }
+
+/// How far beyond `now + tolerance` a TAT may lie before [`Bucket::rewind`] takes it for a clock
+/// that went backwards. Threads read the clock at slightly different instants, so a TAT a little
+/// past `now + tolerance` is normal under contention; one a whole second past it is not.
+pub const CLOCK_STEP_NS: u64 = NANOS_PER_SEC;
 
 /// A throttle layer, in AWS's order of application.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,6 +145,23 @@ impl Bucket {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 Some(gcra::refund(p, cur, now))
             });
+    }
+
+    /// Restarts the bucket empty at `now` if its TAT lies more than [`CLOCK_STEP_NS`] beyond
+    /// `now + tolerance`, which no admission can leave behind: the clock went backwards since
+    /// it was written. Returns whether it did. Pass a freshly read `now`; a stale one could
+    /// take another thread's newer admission for a step.
+    pub fn rewind(&self, p: &GcraParams, now: u64) -> bool {
+        if p.is_unlimited() {
+            return false;
+        }
+        let empty = now.saturating_add(p.tolerance_ns);
+        let latest = empty.saturating_add(CLOCK_STEP_NS);
+        self.tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur > latest).then_some(empty)
+            })
+            .is_ok()
     }
 
     /// Whole tokens left at `now` and nanoseconds until the bucket is full again.
@@ -234,6 +266,12 @@ impl<'a> Layers<'a> {
         }
     }
 
+    /// [`Bucket::rewind`] on every layer; whether any bucket was restarted.
+    pub fn rewind(&self, now: u64) -> bool {
+        self.iter()
+            .fold(false, |any, (_, p, b)| b.rewind(p, now) | any)
+    }
+
     /// `peek` then `commit`: the whole layered decision for one request.
     pub fn acquire(&self, now: u64) -> Result<(), Rejected> {
         self.peek(now)?;
@@ -292,6 +330,55 @@ mod tests {
         let r = l.commit(now).expect_err("b is empty now");
         assert_eq!(r.layer, Layer::StageMethod);
         assert_eq!(a.status(&p, now).0, 1, "token of layer a given back");
+    }
+
+    #[test]
+    fn clock_step_back_restarts_bucket_empty() {
+        let b = Bucket::new();
+        let p = params(10.0, 5);
+        let t = 10_000 * S;
+        for _ in 0..5 {
+            assert!(matches!(b.acquire(&p, t), Verdict::Allow(_)));
+        }
+        // The clock is stepped back an hour: the TAT now lies an hour ahead of it.
+        let back = t - 3_600 * S;
+        assert!(matches!(b.peek(&p, back), Verdict::Deny(w) if w > 3_600 * S));
+        assert!(b.rewind(&p, back));
+        assert!(!b.rewind(&p, back), "a rewound bucket is left alone");
+        // Empty, not full: the next token comes one interval (100 ms) later.
+        assert_eq!(b.status(&p, back).0, 0);
+        assert_eq!(b.peek(&p, back), Verdict::Deny(p.interval_ns));
+        assert!(matches!(
+            b.acquire(&p, back + p.interval_ns),
+            Verdict::Allow(_)
+        ));
+        assert!(matches!(
+            b.acquire(&p, back + p.interval_ns),
+            Verdict::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn newer_admission_of_another_thread_is_not_a_clock_step() {
+        let b = Bucket::new();
+        let p = params(10.0, 5);
+        let t = 1_000 * S;
+        for _ in 0..5 {
+            b.acquire(&p, t);
+        }
+        // A thread whose reading is 900 ms older than the one that emptied the bucket.
+        let stale = t - 900 * 1_000_000;
+        assert!(!b.rewind(&p, stale));
+        assert_eq!(b.tat(), t + p.tolerance_ns);
+        // Layers rewind only the layers that were stepped over.
+        let fresh = Bucket::new();
+        let mut l = Layers::new();
+        l.push(Layer::Plan, p, &b);
+        l.push(Layer::Account, p, &fresh);
+        assert!(!l.rewind(stale));
+        assert!(l.rewind(t - 3 * S));
+        assert_eq!(fresh.tat(), 0);
+        assert_eq!(b.tat(), t - 3 * S + p.tolerance_ns);
     }
 
     #[test]

@@ -318,6 +318,48 @@ fn methods_without_key_bypass_plan_limits_but_not_stage_or_account() {
 }
 
 #[test]
+fn wall_clock_stepped_back_holds_traffic_one_interval_not_the_whole_step() {
+    let p = plan().throttle(10.0, 5).quota(100, QuotaPeriod::Day);
+    let mut m = model(p);
+    m.rest_apis[0].stages[0] = Stage::new("prod").throttle("open/GET", 1.0, 2);
+    let (e, clock, _) = setup(m);
+    let open = route(&e, "prod", "GET", "/open");
+    for _ in 0..5 {
+        assert!(e.decide(&pets(&e), Some(&value(1))).is_allowed());
+    }
+    for _ in 0..2 {
+        assert!(e.decide(&open, None).is_allowed());
+    }
+    // The host's clock is stepped back an hour (same UTC day).
+    clock.set(t0() - 3_600 * SEC);
+    let retry = |d: Decision| match d {
+        Decision::Throttled {
+            layer,
+            retry_after_ns,
+            ..
+        } => (layer, retry_after_ns),
+        other => panic!("{other:?}"),
+    };
+    // Each bucket restarts empty: the next token is one emission interval away, not an hour.
+    assert_eq!(
+        retry(e.decide(&pets(&e), Some(&value(1)))),
+        (Layer::Plan, SEC / 10)
+    );
+    assert_eq!(retry(e.decide(&open, None)), (Layer::StageMethod, SEC));
+    clock.advance(SEC / 10);
+    let d = e.decide(&pets(&e), Some(&value(1)));
+    let Decision::Allow { limits, .. } = d else {
+        panic!("{d:?}")
+    };
+    // Same day: the quota carried on counting.
+    assert_eq!(limits.quota.map(|q| q.remaining), Some(94));
+    assert!(!e.decide(&pets(&e), Some(&value(1))).is_allowed());
+    clock.advance(SEC);
+    assert!(e.decide(&open, None).is_allowed());
+    assert!(!e.decide(&open, None).is_allowed());
+}
+
+#[test]
 fn quota_counts_admitted_requests_and_resets_at_utc_midnight() {
     let p = plan()
         .stage("a1", "dev")
