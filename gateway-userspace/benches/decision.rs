@@ -117,7 +117,11 @@ impl Values {
         for i in order {
             buf.extend_from_slice(value(i).as_bytes());
         }
-        Values { buf, width, next: 0 }
+        Values {
+            buf,
+            width,
+            next: 0,
+        }
     }
 
     /// The next value in the shuffled order (wrapping around).

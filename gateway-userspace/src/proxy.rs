@@ -6,15 +6,18 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -23,14 +26,17 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
-    engine::{Decision, Engine, Limits as EngineLimits, Route},
+    engine::{Decision, Engine, ForbiddenReason, Limits as EngineLimits, Route},
     fastpath::{Connection, FastPath},
     limit::Layer,
     metrics::{Metrics, RequestLabels},
 };
 
 /// Body of every data-plane response: streamed from upstream or a small JSON error.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Error of a [`ProxyBody`]: the upstream's, or a stalled upstream body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the data plane answers and forwards.
 #[derive(Clone, Debug)]
@@ -261,6 +267,16 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.host());
         let path = parts.uri.path();
+        if has_dot_segment(path) {
+            return labels.rejected(
+                "bad_path",
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequestException",
+                    "Bad Request",
+                ),
+            );
+        }
         let route = address(host, path).and_then(|a| {
             self.engine
                 .resolve(a.api_id, a.stage, parts.method.as_str(), a.resource_path)
@@ -272,7 +288,9 @@ impl Proxy {
         labels.stage = route.stage.clone();
         labels.resource = format!("{}/{}", route.resource_path, route.declared_method);
 
-        let api_key = parts.headers.get(API_KEY).and_then(|v| v.to_str().ok());
+        let mut key_values = parts.headers.get_all(API_KEY).iter();
+        let api_key = key_values.next().and_then(|v| v.to_str().ok());
+        let several_keys = key_values.next().is_some();
         let store = self.store_health.as_deref();
         if route.api_key_required && store.is_some_and(|h| h.refuse_keyed()) {
             return labels.rejected(
@@ -284,7 +302,17 @@ impl Proxy {
                 ),
             );
         }
-        let decision = match self.engine.decide(&route, api_key) {
+        let decided = if several_keys && route.api_key_required {
+            // Refused rather than picking one: an upstream reading another of them would act
+            // on a key nobody checked.
+            Decision::Forbidden {
+                reason: ForbiddenReason::InvalidKey,
+                key: None,
+            }
+        } else {
+            self.engine.decide(&route, api_key)
+        };
+        let decision = match decided {
             Decision::QuotaExceeded {
                 key,
                 plan_id,
@@ -394,7 +422,7 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                Response::from_parts(parts, IdleTimeout::new(body, timeout).boxed())
             }
             Ok(Err(err)) if caused_by_body_limit(&err) => {
                 labels.outcome = "too_large";
@@ -446,6 +474,19 @@ impl Seen {
 
 /// The request header that carries the API key (matched case-insensitively).
 pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Whether `path` has a `.` or `..` segment, also when its dots are percent-encoded or it is
+/// set off by `%2F`, `\` or `%5C`, which upstreams may decode or treat as separators. Such a
+/// path could name one route here and another upstream (`/open/../keyed`), so it is refused.
+fn has_dot_segment(path: &str) -> bool {
+    if !path.contains(['.', '%']) {
+        return false;
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    decoded
+        .split(|b| *b == b'/' || *b == b'\\')
+        .any(|segment| segment == b"." || segment == b"..")
+}
 
 /// AWS's answer when no API, stage, resource or method matches.
 fn missing_token() -> Response<ProxyBody> {
@@ -556,6 +597,63 @@ fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
         source = current.source();
     }
     false
+}
+
+/// An upstream response body that fails when its next frame takes longer than `idle` (the
+/// integration timeout) to arrive: the client's connection is then cut rather than held open
+/// for as long as a stalled upstream keeps its socket. A body that keeps flowing may take as
+/// long as it needs.
+struct IdleTimeout {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(inner: Incoming, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::warn!(
+                        idle_ms = this.idle.as_millis(),
+                        "upstream response body stalled; connection cut"
+                    );
+                    Poll::Ready(Some(Err("upstream response body stalled".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A complete in-memory body.
@@ -672,6 +770,32 @@ fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderV
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for path in [
+            "/prod/open/../keyed",
+            "/prod/open/..",
+            "/prod/./keyed",
+            "/prod/open/%2e%2E/keyed",
+            "/prod/open/.%2e/keyed",
+            "/prod/open/x%2F..%2Fkeyed",
+            "/prod/open/x\\..\\keyed",
+            "/prod/open/x%5C..%5Ckeyed",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/prod/pets/1",
+            "/prod/files/report.v2.json",
+            "/prod/files/...",
+            "/prod/files/..hidden",
+            "/prod/files/a%20b",
+            "/prod/files/%252e%252e",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 
     #[test]
     fn the_three_addressing_forms() {

@@ -271,6 +271,8 @@ impl Upstream {
     }
 }
 
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 async fn serve_upstream(
     listener: std::net::TcpListener,
     requests: Arc<AtomicU64>,
@@ -298,9 +300,56 @@ async fn serve_upstream(
     }
 }
 
+/// A body that sends its first chunk and then nothing more: an upstream that hangs mid-body.
+struct Stall(Option<Bytes>);
+
+impl hyper::body::Body for Stall {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(chunk) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A body of `left` one-byte chunks, one every `every`: a slow upstream that keeps sending.
+struct Drip {
+    left: u64,
+    every: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Drip {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use std::future::Future;
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.timer.as_mut().poll(cx));
+        self.left -= 1;
+        let next = tokio::time::Instant::now() + self.every;
+        self.timer.as_mut().reset(next);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"x")))))
+    }
+}
+
 /// Echoes the request as JSON. Query parameters steer it: `sleep_ms=N` waits N ms
-/// before answering; `bytes=N` answers with N bytes of `x` instead of JSON.
-async fn echo(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<Bytes>> {
+/// before answering; `bytes=N` answers with N bytes of `x` instead of JSON;
+/// `stall_after=N` declares N + 1 bytes, sends N of them and then hangs; `drip_ms=N&chunks=K`
+/// sends K bytes, one every N ms.
+async fn echo(req: Request<Incoming>, requests: &AtomicU64) -> Response<UpstreamBody> {
     requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
     let param = |name: &str| {
@@ -315,7 +364,25 @@ async fn echo(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<Byt
     }
     if let Some(n) = param("bytes") {
         let size = usize::try_from(n).unwrap_or(0);
-        return Response::new(Full::new(Bytes::from(vec![b'x'; size])));
+        return Response::new(Full::new(Bytes::from(vec![b'x'; size])).boxed());
+    }
+    if let (Some(ms), Some(chunks)) = (param("drip_ms"), param("chunks")) {
+        let every = Duration::from_millis(ms);
+        return Response::new(
+            Drip {
+                left: chunks,
+                every,
+                timer: Box::pin(tokio::time::sleep(every)),
+            }
+            .boxed(),
+        );
+    }
+    if let Some(n) = param("stall_after") {
+        let size = usize::try_from(n).unwrap_or(0);
+        return Response::builder()
+            .header("content-length", size + 1)
+            .body(Stall(Some(Bytes::from(vec![b'x'; size]))).boxed())
+            .expect("static headers are valid");
     }
     let body_len = body
         .collect()
@@ -340,7 +407,7 @@ async fn echo(req: Request<Incoming>, requests: &AtomicU64) -> Response<Full<Byt
     });
     Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(json.to_string())))
+        .body(Full::new(Bytes::from(json.to_string())).boxed())
         .expect("static headers are valid")
 }
 

@@ -184,6 +184,48 @@ fn every_refusal_has_aws_status_type_and_body() -> anyhow::Result<()> {
 }
 
 #[test]
+fn paths_that_could_climb_and_doubled_keys_are_refused() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let (gw, _dir) = start(&upstream, &[])?;
+    // An open route followed by `..` would name the keyed `/pets/1` to an upstream that
+    // resolves dot segments; refused whatever the spelling, key or no key.
+    for path in [
+        "/prod/public/../pets/1",
+        "/prod/public/%2e%2e/pets/1",
+        "/prod/public%2F..%2Fpets/1",
+        "/prod/./public",
+    ] {
+        assert_refusal(
+            get(&gw, path, None, &["--path-as-is"])?,
+            400,
+            "BadRequestException",
+            "Bad Request",
+        );
+        assert_refusal(
+            get(&gw, path, Some(OTHER), &["--path-as-is"])?,
+            400,
+            "BadRequestException",
+            "Bad Request",
+        );
+    }
+    // Two keys in one request: refused even though each is valid alone.
+    let two = format!("X-Api-Key: {OTHER}");
+    assert_refusal(
+        get(&gw, "/prod/pets/1", Some(SILVER), &["-H", &two])?,
+        403,
+        "ForbiddenException",
+        "Forbidden",
+    );
+    assert_eq!(upstream.requests(), 0);
+    // Dots inside a segment are ordinary characters.
+    let (status, _, body) = get(&gw, "/prod/files/report.v2.json", Some(OTHER), &[])?;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(echo["path"], "/files/report.v2.json");
+    Ok(())
+}
+
+#[test]
 fn strict_aws_parity_leaves_out_rate_limit_headers() -> anyhow::Result<()> {
     let upstream = Upstream::start()?;
     let (gw, _dir) = start(&upstream, &["--no-rate-limit-headers"])?;

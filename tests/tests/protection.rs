@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use gateway_tests::{Gateway, TempDir, Upstream, curl};
 
 fn gateway(upstream: &Upstream, extra: &[&str]) -> anyhow::Result<Gateway> {
@@ -200,6 +201,33 @@ fn slow_upstream_is_a_504_after_the_integration_timeout() -> anyhow::Result<()> 
         body.ends_with(r#"{"message":"Endpoint request timed out"}"#),
         "{body}"
     );
+    Ok(())
+}
+
+#[test]
+fn upstream_that_stalls_mid_body_has_the_connection_cut() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let gw = gateway(&upstream, &["--integration-timeout-ms", "300"])?;
+    let mut client = TcpStream::connect(gw.data)?;
+    client.write_all(b"GET /prod/stall?stall_after=10 HTTP/1.1\r\nHost: a\r\n\r\n")?;
+    let (received, closed) = read_until_closed(&mut client, Duration::from_secs(6));
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("xxxxxxxxxx"),
+        "the 10 bytes sent arrive: {text}"
+    );
+    let closed = closed.context("the gateway held the stalled response open")?;
+    assert!(closed < Duration::from_secs(3), "cut after {closed:?}");
+    // A slow body that keeps flowing is not cut: 4 chunks 200 ms apart, 800 ms > 300 ms.
+    let (status, body) = curl(
+        None,
+        &[&format!(
+            "http://{}/prod/drip?drip_ms=200&chunks=4",
+            gw.data
+        )],
+    )?;
+    assert_eq!((status, body.as_str()), (200, "xxxx"));
     Ok(())
 }
 
