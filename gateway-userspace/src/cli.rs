@@ -4,10 +4,15 @@
 //! API (see [`crate::client`]). Every flag value is checked here, by the flag's own parser, so
 //! a bad value is refused with the flag's name before any request is sent.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 use crate::{
     client::{ClientConfig, Endpoint},
@@ -98,7 +103,7 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with_all = ["upstream", "demo"])]
     pub config: Option<PathBuf>,
     /// Serve one open API (no key required) forwarding every path to this upstream base
-    /// URL (http://HOST:PORT[/PATH]); replaces the stored configuration at start-up.
+    /// URL (http(s)://HOST:PORT[/PATH]); replaces the stored configuration at start-up.
     #[arg(long, conflicts_with = "demo")]
     pub upstream: Option<String>,
     /// Start a demo upstream and a demo API, plan and key (replaces the stored configuration).
@@ -131,6 +136,10 @@ pub struct ServeArgs {
     /// Forward the client's x-api-key header to the upstream.
     #[arg(long)]
     pub forward_api_key: bool,
+    /// PEM file of certificate authorities to trust for https integrations, besides the
+    /// system's trust store (for upstreams with a private CA).
+    #[arg(long)]
+    pub upstream_ca_file: Option<PathBuf>,
     /// Attach the XDP program to this interface.
     #[arg(long)]
     pub xdp_iface: Option<String>,
@@ -280,6 +289,10 @@ impl ServeArgs {
                 reason: "must be between 1 and 29000 (AWS's maximum)".into(),
             });
         }
+        let upstream_ca = match &self.upstream_ca_file {
+            Some(path) => read_ca_file(path)?,
+            None => Vec::new(),
+        };
         if self.header_read_timeout_secs == 0 {
             return Err(FlagError {
                 flag: "header-read-timeout-secs",
@@ -372,9 +385,26 @@ impl ServeArgs {
             },
             rate_limit_headers: !self.no_rate_limit_headers,
             forward_api_key: self.forward_api_key,
+            upstream_ca,
             store,
         })
     }
+}
+
+/// The certificates of a PEM file (`--upstream-ca-file`); at least one.
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, FlagError> {
+    let bad = |reason: String| FlagError {
+        flag: "upstream-ca-file",
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(certs)
 }
 
 fn parse_upstream(raw: &str) -> Result<Uri, FlagError> {
@@ -384,8 +414,12 @@ fn parse_upstream(raw: &str) -> Result<Uri, FlagError> {
     };
     let uri: Uri = raw.parse().map_err(|e| bad(&format!("{e}")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => return Err(bad(&format!("scheme `{other}` is not supported, use http"))),
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(bad(&format!(
+                "scheme `{other}` is not supported, use http or https"
+            )));
+        }
         None => return Err(bad("needs a scheme, e.g. http://127.0.0.1:9000")),
     }
     if uri.authority().is_none() {
@@ -501,7 +535,7 @@ pub struct ApiCreate {
     /// Name of the API (need not be unique).
     #[arg(long, value_parser = non_empty)]
     pub name: String,
-    /// Where requests go: http://HOST:PORT[/PATH]; `/x/y` on the gateway is forwarded to
+    /// Where requests go: http(s)://HOST:PORT[/PATH]; `/x/y` on the gateway is forwarded to
     /// `{upstream}/x/y`.
     #[arg(long, value_name = "URL", value_parser = upstream_value)]
     pub upstream: Uri,
@@ -1129,7 +1163,7 @@ mod tests {
                 "--remaining",
             ),
             (
-                &["api", "create", "--name", "x", "--upstream", "https://h"],
+                &["api", "create", "--name", "x", "--upstream", "ftp://h"],
                 "--upstream",
             ),
             (

@@ -18,11 +18,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
+use rustls::pki_types::CertificateDer;
 use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
@@ -49,6 +51,8 @@ pub struct ProxyConfig {
     /// Forward the client's `x-api-key` header upstream (AWS does; off by default so
     /// that key values never leave the gateway).
     pub forward_api_key: bool,
+    /// Certificate authorities trusted for `https` integrations besides the system's.
+    pub upstream_ca: Vec<CertificateDer<'static>>,
 }
 
 /// Limits that keep one client from holding the data plane's resources.
@@ -81,7 +85,7 @@ impl Default for Limits {
 pub struct Proxy {
     config: ProxyConfig,
     engine: Arc<Engine>,
-    client: Client<HttpConnector, Limited<Incoming>>,
+    client: Client<HttpsConnector<HttpConnector>, Limited<Incoming>>,
     metrics: Arc<Metrics>,
     /// Health of the fleet's shared store (`--store`); `None` with the embedded store.
     store_health: Option<Arc<crate::fleet::Health>>,
@@ -93,7 +97,14 @@ impl Proxy {
     pub fn new(config: ProxyConfig, engine: Arc<Engine>, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        // No connect timeout of its own: the integration timeout covers connecting too, so an
+        // upstream that never accepts is a 504 like one that never answers.
+        connector.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(upstream_tls(&config.upstream_ca))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
@@ -526,14 +537,46 @@ fn add_rate_limit_headers(headers: &mut HeaderMap, limits: &EngineLimits) {
     }
 }
 
-/// The integration URL plus the client's query string.
+/// TLS for `https` integrations: the system's trust store plus `extra`, TLS 1.2 and 1.3,
+/// server names and certificates verified. Without any trusted authority every `https`
+/// integration fails its handshake (502), which is logged here once.
+fn upstream_tls(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::warn!(%error, "cannot read a system CA certificate");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    if ignored > 0 {
+        tracing::warn!(ignored, "system CA certificates rustls cannot use");
+    }
+    for cert in extra {
+        if let Err(error) = roots.add(cert.clone()) {
+            tracing::warn!(%error, "an --upstream-ca-file certificate cannot be used");
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!("no trusted CA certificates: https integrations will fail (502)");
+    }
+    tracing::debug!(system = added, extra = extra.len(), "upstream TLS roots");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// The integration URL (`http` or `https`) plus the client's query string, joined with `&`
+/// when the URL already has a query.
 fn integration_uri(url: &str, query: Option<&str>) -> Option<Uri> {
     let full = match query {
+        Some(q) if url.contains('?') => format!("{url}&{q}"),
         Some(q) => format!("{url}?{q}"),
         None => url.to_owned(),
     };
     let uri: Uri = full.parse().ok()?;
-    (uri.scheme_str() == Some("http") && uri.authority().is_some()).then_some(uri)
+    (matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()).then_some(uri)
 }
 
 /// Header AWS puts on every response.
@@ -839,7 +882,11 @@ mod tests {
             integration_uri("http://127.0.0.1:9000/pets/1", Some("a=1")).unwrap(),
             "http://127.0.0.1:9000/pets/1?a=1"
         );
-        assert!(integration_uri("https://example.com/x", None).is_none());
+        assert_eq!(
+            integration_uri("https://example.com/x?v=2", Some("a=1")).unwrap(),
+            "https://example.com/x?v=2&a=1"
+        );
+        assert!(integration_uri("ftp://example.com/x", None).is_none());
         assert!(integration_uri("/relative", None).is_none());
     }
 

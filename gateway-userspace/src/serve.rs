@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub rate_limit_headers: bool,
     /// Forward `x-api-key` upstream.
     pub forward_api_key: bool,
+    /// Certificate authorities trusted for `https` integrations besides the system's.
+    pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The shared store of a fleet; `None` keeps everything in the embedded store.
     pub store: Option<crate::fleet::FleetOptions>,
 }
@@ -220,6 +222,7 @@ pub async fn run(
                 limits: config.limits.clone(),
                 rate_limit_headers: config.rate_limit_headers,
                 forward_api_key: config.forward_api_key,
+                upstream_ca: config.upstream_ca.clone(),
             },
             engine.clone(),
             metrics.clone(),

@@ -224,8 +224,43 @@ impl Upstream {
         Self::start_in(None, "127.0.0.1:0".parse().expect("valid"))
     }
 
+    /// Starts an https upstream on `127.0.0.1:0`, its certificate (for `localhost` and
+    /// `127.0.0.1`) signed by a certificate authority made for it; returns it with that
+    /// authority's certificate in PEM.
+    pub fn start_tls() -> Result<(Self, String)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gateway test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
+            .signed_by(&key, &ca)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let upstream = Self::start_with(None, "127.0.0.1:0".parse()?, Some(acceptor))?;
+        Ok((upstream, ca.pem()))
+    }
+
     /// Starts on `bind` inside network namespace `netns` (or the current one).
     pub fn start_in(netns: Option<&str>, bind: SocketAddr) -> Result<Self> {
+        Self::start_with(netns, bind, None)
+    }
+
+    fn start_with(
+        netns: Option<&str>,
+        bind: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Result<Self> {
         let requests = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
@@ -253,7 +288,7 @@ impl Upstream {
                 .build()
                 .expect("a current-thread runtime builds");
             let _ = ready_tx.send(Ok(addr));
-            runtime.block_on(serve_upstream(listener, counter, shutdown_rx));
+            runtime.block_on(serve_upstream(listener, counter, shutdown_rx, tls));
         });
         let addr = ready_rx
             .recv_timeout(Duration::from_secs(10))
@@ -277,6 +312,7 @@ async fn serve_upstream(
     listener: std::net::TcpListener,
     requests: Arc<AtomicU64>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("inside a runtime");
     loop {
@@ -288,14 +324,28 @@ async fn serve_upstream(
             _ = &mut shutdown => return,
         };
         let requests = requests.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let requests = requests.clone();
                 async move { Ok::<_, Infallible>(echo(req, &requests).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                // A failed handshake (an untrusting client) just ends the connection.
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use gateway_tests::{Gateway, Upstream, curl, metric};
+use anyhow::Context as _;
+use gateway_tests::{Gateway, TempDir, Upstream, curl, metric};
 
 #[test]
 fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
@@ -101,6 +102,62 @@ fn unreachable_upstream_is_a_502_with_an_aws_body() -> anyhow::Result<()> {
     assert!(
         body.ends_with(r#"{"message":"Internal server error"}"#),
         "{body}"
+    );
+    Ok(())
+}
+
+#[test]
+fn https_upstream_is_verified_against_the_trusted_authorities() -> anyhow::Result<()> {
+    let (upstream, ca_pem) = Upstream::start_tls()?;
+    let dir = TempDir::new("upstream-ca")?;
+    let ca_file = dir.path.join("ca.pem");
+    std::fs::write(&ca_file, ca_pem)?;
+    let ca_file = ca_file.display().to_string();
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        Gateway::start(None, &args)
+    };
+
+    let trusting = start(&["--upstream-ca-file", &ca_file])?;
+    let (status, body) = curl(
+        None,
+        &[&format!("http://{}/prod/pets?limit=2", trusting.data)],
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (echo["path"].as_str(), echo["query"].as_str()),
+        (Some("/pets"), Some("limit=2"))
+    );
+    assert_eq!(upstream.requests(), 1);
+
+    // Only the system's authorities: the upstream's certificate is refused, nothing is sent.
+    let system_only = start(&[])?;
+    let (status, body) = curl(None, &[&format!("http://{}/prod/pets", system_only.data)])?;
+    assert_eq!(
+        (status, body.as_str()),
+        (502, r#"{"message":"Internal server error"}"#)
+    );
+    assert_eq!(upstream.requests(), 1);
+
+    // A file without a certificate is a start-up error naming the flag.
+    let empty = dir.path.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n")?;
+    let error = start(&["--upstream-ca-file", &empty.display().to_string()])
+        .err()
+        .context("the gateway started with an empty CA file")?;
+    assert!(
+        format!("{error:#}").contains("--upstream-ca-file"),
+        "{error:#}"
     );
     Ok(())
 }
