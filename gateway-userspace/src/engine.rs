@@ -1072,6 +1072,10 @@ impl Engine {
             };
         }
 
+        // With `apiKeySource` AUTHORIZER the key can only come from a custom authorizer's
+        // `usageIdentifierKey`; this gateway runs no authorizers, so such a method refuses
+        // every request (fail closed) rather than take the header AWS would ignore.
+        let api_key = api_key.filter(|_| route.api_key_source == ApiKeySource::Header);
         let Some(value) = api_key else {
             return Decision::Forbidden {
                 reason: ForbiddenReason::MissingKey,

@@ -299,6 +299,13 @@ impl Proxy {
         labels.stage = route.stage.clone();
         labels.resource = format!("{}/{}", route.resource_path, route.declared_method);
 
+        // A body declared too large is refused before the decision, so it costs no token and
+        // no quota (one that turns out too large while streaming has been counted already).
+        if declared_length(&parts.headers)
+            .is_some_and(|len| len > self.config.limits.max_body_bytes)
+        {
+            return labels.rejected("too_large", too_large());
+        }
         let mut key_values = parts.headers.get_all(API_KEY).iter();
         let api_key = key_values.next().and_then(|v| v.to_str().ok());
         let several_keys = key_values.next().is_some();
@@ -399,11 +406,8 @@ impl Proxy {
             // MOCK or no integration: an empty 200, as an unmapped MOCK answers.
             return Response::new(full(Bytes::new()));
         };
+        // A declared length over the limit was refused before the decision.
         let max_body = self.config.limits.max_body_bytes;
-        if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
-            labels.outcome = "too_large";
-            return too_large();
-        }
         let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
         let Some(uri) = route
             .upstream_url()
@@ -417,7 +421,11 @@ impl Proxy {
                 "Internal server error",
             );
         };
-        let original_host = parts.headers.get(header::HOST).cloned();
+        // HTTP/2 names the host in the URI (`:authority`), HTTP/1.1 in `Host`.
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded(&mut parts.headers, peer, original_host);
         if let Some(authority) = uri.authority()
@@ -797,10 +805,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the client to `X-Forwarded-For` and records the original protocol and host.
 fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
     let client = peer.ip().to_canonical().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {client}"),
-        None => client,
-    };
+    // Every X-Forwarded-For line the client sent, in order, then the client itself.
+    let mut forwarded_for = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !forwarded_for.is_empty() {
+        forwarded_for.push_str(", ");
+    }
+    forwarded_for.push_str(&client);
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
@@ -942,13 +957,20 @@ mod tests {
     fn forwarded_for_appends_the_peer() {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
         let peer: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
         add_forwarded(
             &mut headers,
             peer,
             Some(HeaderValue::from_static("api.example")),
         );
-        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(
+            headers["x-forwarded-for"],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"
+        );
         assert_eq!(headers["x-forwarded-host"], "api.example");
         assert_eq!(headers["x-forwarded-proto"], "http");
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use gateway::clock::{Clock, FakeClock};
 use gateway::engine::{Decision, Engine, ForbiddenReason, Route};
 use gateway::limit::Layer;
-use gateway::plan::{ApiKey, Method, Model, QuotaPeriod, RestApi, Stage, UsagePlan};
+use gateway::plan::{ApiKey, ApiKeySource, Method, Model, QuotaPeriod, RestApi, Stage, UsagePlan};
 use gateway::quota::{NANOS_PER_DAY, days_from_civil};
 use gateway::store::{MemoryStore, UsageStore};
 use time::macros::date;
@@ -315,6 +315,26 @@ fn methods_without_key_bypass_plan_limits_but_not_stage_or_account() {
             ..
         }
     ));
+}
+
+#[test]
+fn authorizer_key_source_refuses_the_header_key() {
+    let mut m = model(plan());
+    m.rest_apis[0].api_key_source = ApiKeySource::Authorizer;
+    let (e, _, _) = setup(m);
+    // No custom authorizer can supply usageIdentifierKey here: keyed methods fail closed.
+    assert_eq!(
+        e.decide(&pets(&e), Some(&value(1))),
+        Decision::Forbidden {
+            reason: ForbiddenReason::MissingKey,
+            key: None
+        }
+    );
+    // Methods without apiKeyRequired are unaffected.
+    assert!(
+        e.decide(&route(&e, "prod", "GET", "/open"), None)
+            .is_allowed()
+    );
 }
 
 #[test]

@@ -226,6 +226,24 @@ fn paths_that_could_climb_and_doubled_keys_are_refused() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_body_declared_too_large_costs_no_quota() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let (gw, _dir) = start(&upstream, &["--max-body-bytes", "1000"])?;
+    let body = "b".repeat(2000);
+    assert_refusal(
+        get(&gw, "/prod/pets/1", Some(SILVER), &["--data-binary", &body])?,
+        413,
+        "RequestTooLargeException",
+        "Request Too Long",
+    );
+    let (status, head, _) = get(&gw, "/prod/pets/1", Some(SILVER), &[])?;
+    assert_eq!(status, 200);
+    assert!(head.contains("ratelimit: \"quota\";r=4;"), "{head}");
+    assert_eq!(upstream.requests(), 1);
+    Ok(())
+}
+
+#[test]
 fn strict_aws_parity_leaves_out_rate_limit_headers() -> anyhow::Result<()> {
     let upstream = Upstream::start()?;
     let (gw, _dir) = start(&upstream, &["--no-rate-limit-headers"])?;
