@@ -79,6 +79,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Starts on loopback (ports chosen by the system) with one open API forwarding every
+    /// path of stage `prod` to `upstream_url`, plus `extra` flags.
+    pub fn start_upstream(upstream_url: &str, extra: &[&str]) -> Result<Self> {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream_url,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(None, &args)
+    }
+
     /// Starts `gateway serve ARGS` (inside network namespace `netns` if given) with its
     /// own state directory, and waits for both `listening` lines.
     pub fn start(netns: Option<&str>, args: &[&str]) -> Result<Self> {

@@ -9,17 +9,7 @@ use gateway_tests::{Gateway, TempDir, Upstream, curl, metric};
 #[test]
 fn forwards_to_the_upstream_and_counts_the_request() -> anyhow::Result<()> {
     let upstream = Upstream::start()?;
-    let mut gateway = Gateway::start(
-        None,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &format!("http://{}", upstream.addr),
-        ],
-    )?;
+    let mut gateway = Gateway::start_upstream(&format!("http://{}", upstream.addr), &[])?;
     let url = format!("http://{}/prod/pets?limit=2", gateway.data);
     let (status, body) = curl(None, &["-i", &url])?;
     assert_eq!(status, 200, "{body}");
@@ -82,17 +72,7 @@ fn unreachable_upstream_is_a_502_with_an_aws_body() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let gateway = Gateway::start(
-        None,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &format!("http://127.0.0.1:{port}"),
-        ],
-    )?;
+    let gateway = Gateway::start_upstream(&format!("http://127.0.0.1:{port}"), &[])?;
     let (status, body) = curl(None, &["-i", &format!("http://{}/prod/x", gateway.data)])?;
     assert_eq!(status, 502, "{body}");
     assert!(
@@ -114,18 +94,7 @@ fn https_upstream_is_verified_against_the_trusted_authorities() -> anyhow::Resul
     std::fs::write(&ca_file, ca_pem)?;
     let ca_file = ca_file.display().to_string();
     let url = format!("https://localhost:{}", upstream.addr.port());
-    let start = |extra: &[&str]| {
-        let mut args = vec![
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &url,
-        ];
-        args.extend_from_slice(extra);
-        Gateway::start(None, &args)
-    };
+    let start = |extra: &[&str]| Gateway::start_upstream(&url, extra);
 
     let trusting = start(&["--upstream-ca-file", &ca_file])?;
     let (status, body) = curl(

@@ -11,17 +11,7 @@ use anyhow::Context as _;
 use gateway_tests::{Gateway, TempDir, Upstream, curl};
 
 fn gateway(upstream: &Upstream, extra: &[&str]) -> anyhow::Result<Gateway> {
-    let url = format!("http://{}", upstream.addr);
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &url,
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start(None, &args)
+    Gateway::start_upstream(&format!("http://{}", upstream.addr), extra)
 }
 
 /// Reads until the peer closes or `limit` passes; returns what arrived and when it closed.
