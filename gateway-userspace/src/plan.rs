@@ -871,6 +871,20 @@ pub fn validate_api_key_value(value: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Checks the value of a key being created or imported: [`validate_api_key_value`], and
+/// visible ASCII only. A value with a space, a control character or a non-ASCII letter could
+/// be stored but never matched: clients' HTTP stacks trim or refuse such header text. (Loading
+/// a stored configuration keeps the length rule only, so a value accepted before still loads.)
+pub fn validate_new_api_key_value(value: &str) -> Result<(), ModelError> {
+    validate_api_key_value(value)?;
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ModelError::bad_request(
+            "Invalid API Key value specified: use 20 to 128 visible ASCII characters, without spaces",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an API key name: at most 1024 characters.
 pub fn validate_api_key_name(name: Option<&str>) -> Result<(), ModelError> {
     match name {
@@ -1199,6 +1213,7 @@ impl Model {
     /// CreateApiKey: validates and adds a key. A taken value is 409 `API Key already exists`.
     pub fn create_api_key(&mut self, key: ApiKey) -> Result<&ApiKey, ModelError> {
         validate_api_key(&key)?;
+        validate_new_api_key_value(&key.value)?;
         if self.api_keys.iter().any(|k| k.value == key.value) {
             return Err(ModelError::conflict("API Key already exists"));
         }

@@ -89,6 +89,21 @@ def test_value_length_limits(apigw):
         assert created["value"] == value
 
 
+def test_values_a_client_could_never_send_are_refused(apigw):
+    # A trailing space is trimmed by HTTP stacks and non-ASCII is not valid header text:
+    # such a key would exist but never match a request.
+    for value in ("trailing-space-value-0001 ", "inner space-value-00000002", "ключ" * 6):
+        expect_error(
+            lambda: apigw.create_api_key(name=unique("bad"), value=value),
+            400,
+            "BadRequestException",
+            "Invalid API Key value specified: use 20 to 128 visible ASCII characters, "
+            "without spaces",
+        )
+    value = "Visible-ASCII_~!value.0003"
+    assert apigw.create_api_key(name=unique("ok"), value=value)["value"] == value
+
+
 def test_name_and_description_length_limits(apigw):
     expect_error(
         lambda: apigw.create_api_key(name="n" * 1025),
@@ -403,3 +418,102 @@ def test_import_rejects_bad_input(apigw):
         400,
         "BadRequestException",
     )
+
+
+def test_paging_while_deleting_each_page_reaches_every_key(apigw):
+    """The usual cleanup loop: page through the keys and delete every key of each page
+    before asking for the next. `position` resumes after the last key returned, so the
+    deletions do not make the next page skip keys."""
+    prefix = unique("sweep")
+    ids = [apigw.create_api_key(name=f"{prefix}-{i}")["id"] for i in range(12)]
+    pages = apigw.get_paginator("get_api_keys").paginate(
+        nameQuery=prefix, PaginationConfig={"PageSize": 5}
+    )
+    deleted = []
+    for page in pages:
+        for item in page["items"]:
+            assert status_of(apigw.delete_api_key(apiKey=item["id"])) == 202
+            deleted.append(item["id"])
+    assert sorted(deleted) == sorted(ids), "every key was listed once"
+    assert all_keys(apigw, nameQuery=prefix) == []
+
+
+def test_paging_resumes_after_the_last_key_when_earlier_ones_go(apigw):
+    """Keys before the last one returned are deleted by someone else between pages."""
+    prefix = unique("sweepmid")
+    ids = [apigw.create_api_key(name=f"{prefix}-{i}")["id"] for i in range(6)]
+    first = apigw.get_api_keys(nameQuery=prefix, limit=3)
+    assert [k["id"] for k in first["items"]] == ids[:3]
+    for key_id in ids[:2]:
+        apigw.delete_api_key(apiKey=key_id)
+    second = apigw.get_api_keys(nameQuery=prefix, limit=3, position=first["position"])
+    assert [k["id"] for k in second["items"]] == ids[3:]
+    assert "position" not in second
+
+
+def test_list_rejects_a_junk_position(apigw):
+    for junk in ("junk", "12", "-1", "7b7d"):
+        expect_error(
+            lambda: apigw.get_api_keys(position=junk),
+            400,
+            "BadRequestException",
+            f"Invalid position specified: {junk}",
+        )
+
+
+def test_import_single_quoted_usage_plan_ids(apigw):
+    """UsagePlanIds may be quoted with '...' as well as "..." (AWS's file format);
+    every id of the list counts and the columns after it keep their place."""
+    plans = [apigw.create_usage_plan(name=unique("impq"))["id"] for _ in range(3)]
+    prefix = unique("impq")
+    v1, v2, v3 = key_value(), key_value(), key_value()
+    csv = (
+        "Name,Key,UsagePlanIds,Description\n"
+        f"{prefix}-1,{v1},'{plans[0]},{plans[1]}',single quoted\n"
+        f"{prefix}-2,{v2}, '{plans[1]}, {plans[2]}' ,padded\n"
+        f"{prefix}-3,{v3},\"{plans[0]},{plans[2]}\",double quoted\n"
+    )
+    imported = import_csv(apigw, csv)
+    assert status_of(imported) == 201
+    assert imported.get("warnings", []) == []
+    keys = keys_named(apigw, prefix)
+    k1, k2, k3 = (keys[f"{prefix}-{i}"] for i in (1, 2, 3))
+    assert (k1["description"], k2["description"], k3["description"]) == (
+        "single quoted",
+        "padded",
+        "double quoted",
+    )
+    members = {
+        p: sorted(k["id"] for k in apigw.get_usage_plan_keys(usagePlanId=p)["items"])
+        for p in plans
+    }
+    assert members == {
+        plans[0]: sorted([k1["id"], k3["id"]]),
+        plans[1]: sorted([k1["id"], k2["id"]]),
+        plans[2]: sorted([k2["id"], k3["id"]]),
+    }
+
+
+def test_import_warns_about_fields_beyond_the_header(apigw):
+    """An unquoted plan list spills into fields the header has no column for: the row
+    is imported with the columns it names, and the extra fields are reported."""
+    plans = [apigw.create_usage_plan(name=unique("impx"))["id"] for _ in range(2)]
+    prefix = unique("impx")
+    value = key_value()
+    csv = f"Name,Key,UsagePlanIds\n{prefix}-1,{value},{plans[0]},{plans[1]}\n"
+
+    expect_error(
+        lambda: import_csv(apigw, csv, failOnWarnings=True), 400, "BadRequestException"
+    )
+    assert keys_named(apigw, prefix) == {}, "failonwarnings=true imports nothing"
+
+    imported = import_csv(apigw, csv)
+    assert status_of(imported) == 201
+    assert len(imported["ids"]) == 1
+    assert imported.get("warnings") == [
+        "Line 2: the row has 4 fields but the header names 3 columns; "
+        "the fields after the 3rd were ignored"
+    ]
+    members = [k["id"] for k in apigw.get_usage_plan_keys(usagePlanId=plans[0])["items"]]
+    assert members == imported["ids"]
+    assert apigw.get_usage_plan_keys(usagePlanId=plans[1])["items"] == []

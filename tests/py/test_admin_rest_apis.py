@@ -360,3 +360,113 @@ def test_account_throttle(apigw):
             ]
         )
     assert apigw.get_account()["throttleSettings"] == {"burstLimit": 5000, "rateLimit": 10000.0}
+
+
+def test_stage_takes_aws_method_settings_beside_throttling(apigw, deployed):
+    """Terraform's aws_api_gateway_method_settings sends metrics, logging and caching
+    settings in the same UpdateStage as the throttles. The gateway keeps the throttles
+    and accepts the rest (checking their values as AWS does) without keeping them."""
+    api_id = deployed["api"]
+
+    def update(*ops):
+        return apigw.update_stage(
+            restApiId=api_id,
+            stageName="v1",
+            patchOperations=[dict(zip(("op", "path", "value"), op)) for op in ops],
+        )
+
+    response = update(
+        ("replace", "/*/*/metrics/enabled", "true"),
+        ("replace", "/*/*/logging/loglevel", "INFO"),
+        ("replace", "/*/*/logging/dataTrace", "false"),
+        ("replace", "/*/*/throttling/burstLimit", "40"),
+        ("replace", "/*/*/throttling/rateLimit", "20"),
+        ("replace", "/*/*/caching/enabled", "false"),
+        ("replace", "/*/*/caching/ttlInSeconds", "300"),
+        ("replace", "/*/*/caching/dataEncrypted", "false"),
+        ("replace", "/*/*/caching/requireAuthorizationForCacheControl", "true"),
+        (
+            "replace",
+            "/*/*/caching/unauthorizedCacheControlHeaderStrategy",
+            "SUCCEED_WITH_RESPONSE_HEADER",
+        ),
+        ("replace", "/~1pets/GET/logging/loglevel", "Error"),
+        ("replace", "/tracingEnabled", "false"),
+        ("replace", "/cacheClusterEnabled", "false"),
+        ("replace", "/cacheClusterSize", "0.5"),
+    )
+    assert status_of(response) == 200
+    settings = response["methodSettings"]
+    assert settings["*/*"]["throttlingBurstLimit"] == 40
+    assert settings["*/*"]["throttlingRateLimit"] == 20.0
+    # A setting for a method creates its entry, with the stage's */* throttle so that the
+    # method's throttle does not change.
+    assert settings["~1pets/GET"]["throttlingBurstLimit"] == 40
+    assert settings["~1pets/GET"]["throttlingRateLimit"] == 20.0
+    assert apigw.get_stage(restApiId=api_id, stageName="v1")["methodSettings"] == settings
+
+    for path, value, message in (
+        (
+            "/*/*/logging/loglevel",
+            "VERBOSE",
+            "Invalid logging level specified: VERBOSE; must be one of OFF, ERROR, INFO",
+        ),
+        (
+            "/*/*/caching/ttlInSeconds",
+            "3601",
+            "Invalid cache TTL specified: 3601; it must be an integer from 0 to 3600 seconds",
+        ),
+        (
+            "/*/*/caching/ttlInSeconds",
+            "soon",
+            "Invalid cache TTL specified: soon; it must be an integer from 0 to 3600 seconds",
+        ),
+        (
+            "/*/*/caching/unauthorizedCacheControlHeaderStrategy",
+            "ALLOW",
+            "Invalid unauthorized cache control header strategy specified: ALLOW; must be one "
+            "of FAIL_WITH_403, SUCCEED_WITH_RESPONSE_HEADER, SUCCEED_WITHOUT_RESPONSE_HEADER",
+        ),
+        (
+            "/cacheClusterSize",
+            "2",
+            "Invalid cache cluster size specified: 2; must be one of "
+            "0.5, 1.6, 6.1, 13.5, 28.4, 58.2, 118, 237",
+        ),
+    ):
+        expect_error(
+            lambda: update(
+                ("replace", "/*/*/throttling/burstLimit", "41"), ("replace", path, value)
+            ),
+            400,
+            "BadRequestException",
+            message,
+        )
+    error = expect_error(
+        lambda: update(("replace", "/*/*/metrics/nosuchsetting", "true")),
+        400,
+        "BadRequestException",
+    )
+    assert error["Error"]["Message"].startswith(
+        "Invalid patch path  '/*/*/metrics/nosuchsetting' specified for op 'replace'."
+    ), error["Error"]["Message"]
+    # A refused request changes nothing.
+    got = apigw.get_stage(restApiId=api_id, stageName="v1")["methodSettings"]
+    assert got["*/*"]["throttlingBurstLimit"] == 40
+
+
+def test_get_stages_filters_by_deployment(apigw, deployed):
+    api_id = deployed["api"]
+    first = apigw.get_stage(restApiId=api_id, stageName="v1")["deploymentId"]
+    second = apigw.create_deployment(restApiId=api_id, stageName="v2")["id"]
+    apigw.create_stage(restApiId=api_id, stageName="v3", deploymentId=first)
+
+    def names(**filters):
+        listed = apigw.get_stages(restApiId=api_id, **filters)
+        assert status_of(listed) == 200
+        return sorted(item["stageName"] for item in listed["item"])
+
+    assert names() == ["v1", "v2", "v3"]
+    assert names(deploymentId=first) == ["v1", "v3"]
+    assert names(deploymentId=second) == ["v2"]
+    assert names(deploymentId="nosuchdep0") == []

@@ -140,3 +140,22 @@ def test_deleting_a_key_removes_it_from_its_plans(apigw):
     add_key(apigw, plan_id, key_id)
     assert status_of(apigw.delete_api_key(apiKey=key_id)) == 202
     assert apigw.get_usage_plan_keys(usagePlanId=plan_id)["items"] == []
+
+
+def test_paging_while_removing_each_page_reaches_every_plan_key(apigw):
+    """Removing every key of each page of GetUsagePlanKeys before asking for the next
+    one removes them all: `position` resumes after the last key returned."""
+    plan_id = apigw.create_usage_plan(name=unique("sweep"))["id"]
+    ids = [apigw.create_api_key(name=unique("sweep"))["id"] for _ in range(7)]
+    for key_id in ids:
+        add_key(apigw, plan_id, key_id)
+    pages = apigw.get_paginator("get_usage_plan_keys").paginate(
+        usagePlanId=plan_id, PaginationConfig={"PageSize": 3}
+    )
+    removed = []
+    for page in pages:
+        for item in page["items"]:
+            apigw.delete_usage_plan_key(usagePlanId=plan_id, keyId=item["id"])
+            removed.append(item["id"])
+    assert sorted(removed) == sorted(ids)
+    assert apigw.get_usage_plan_keys(usagePlanId=plan_id)["items"] == []

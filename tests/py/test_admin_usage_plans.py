@@ -24,6 +24,19 @@ REMOVE_PATHS = (
     "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>",
     "/apiStages/<apidId:stageName>/throttle",
 )
+REPLACE_PATHS = (
+    "/name",
+    "/description",
+    "/productCode",
+    "/throttle/rateLimit",
+    "/throttle/burstLimit",
+    "/quota/limit",
+    "/quota/offset",
+    "/quota/period",
+    "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>/rateLimit",
+    "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>/burstLimit",
+    "/apiStages/<apidId:stageName>/throttle",
+)
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +387,118 @@ def test_delete_needs_the_stages_removed_first(apigw, api):
         NOT_FOUND,
     )
     assert plan_id not in {p["id"] for p in collect_pages(apigw.get_usage_plans, 500)[0]}
+
+
+def test_paging_while_deleting_each_page_reaches_every_plan(apigw):
+    """GetUsagePlans over the whole account, deleting this test's plans page by page:
+    `position` resumes after the last plan returned, so none is skipped."""
+    prefix = unique("sweep")
+    ids = {apigw.create_usage_plan(name=f"{prefix}-{i}")["id"] for i in range(7)}
+    pages = apigw.get_paginator("get_usage_plans").paginate(PaginationConfig={"PageSize": 2})
+    for page in pages:
+        for plan in page["items"]:
+            if plan["name"].startswith(prefix):
+                assert status_of(apigw.delete_usage_plan(usagePlanId=plan["id"])) == 202
+                ids.discard(plan["id"])
+    assert ids == set(), "plans the paging skipped"
+
+
+def test_replace_api_stages_is_not_offered(apigw, api):
+    """AWS changes `/apiStages` with add and remove only; the refusal of replace lists
+    the paths replace does take, without `/apiStages`."""
+    plan_id = apigw.create_usage_plan(
+        name=unique("repl"), apiStages=[{"apiId": api["api"], "stage": "s1"}]
+    )["id"]
+    message = expect_error(
+        lambda: apigw.update_usage_plan(
+            usagePlanId=plan_id,
+            patchOperations=[
+                {"op": "replace", "path": "/apiStages", "value": f"{api['api']}:s2"}
+            ],
+        ),
+        400,
+        "BadRequestException",
+        invalid_patch_path("/apiStages", "replace", REPLACE_PATHS),
+    )["Error"]["Message"]
+    assert "/apiStages," not in message and "/apiStages]" not in message
+    patch(apigw, plan_id, ("remove", "/apiStages", f"{api['api']}:s1"))
+
+
+QUOTA_PERIODS = "must be one of DAY, WEEK, MONTH"
+NO_PERIOD = f"Invalid quota specified: quota.period is required and {QUOTA_PERIODS}"
+
+
+@pytest.mark.parametrize(
+    "quota, message",
+    [
+        ({"limit": 10}, NO_PERIOD),
+        ({"limit": 10, "offset": 0}, NO_PERIOD),
+        ({"period": "DAY"}, "Invalid quota specified: quota.limit is required"),
+        ({"limit": 10, "period": "day"}, f"Invalid quota period specified: day; {QUOTA_PERIODS}"),
+        ({"limit": 10, "period": "YEAR"}, f"Invalid quota period specified: YEAR; {QUOTA_PERIODS}"),
+    ],
+)
+def test_create_refuses_an_incomplete_quota_with_aws_style_messages(apigw, quota, message):
+    name = unique("badquota")
+    expect_error(
+        lambda: apigw.create_usage_plan(name=name, quota=quota),
+        400,
+        "BadRequestException",
+        message,
+    )
+    listed = collect_pages(apigw.get_usage_plans, 500)[0]
+    assert name not in {p["name"] for p in listed}, "a refused plan is not created"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"quota": {"limit": "ten", "period": "DAY"}},
+            "Invalid Usage Plan quota limit specified. It must be a non-negative integer.",
+        ),
+        (
+            {"quota": {"limit": 10, "period": "WEEK", "offset": "x"}},
+            "Invalid quota offset specified. It must be an integer.",
+        ),
+        (
+            {"quota": {"limit": 10, "period": 7}},
+            f"Invalid quota period specified: 7; {QUOTA_PERIODS}",
+        ),
+        (
+            {"quota": "DAY"},
+            "Invalid quota specified: it must be an object with limit, period and offset",
+        ),
+        (
+            {"throttle": {"burstLimit": "many"}},
+            "Invalid throttle burstLimit specified. It must be a non-negative integer.",
+        ),
+        (
+            {"throttle": {"rateLimit": "fast"}},
+            "Invalid throttle rateLimit specified. It must be a non-negative number.",
+        ),
+    ],
+)
+def test_create_refuses_mistyped_limits_on_the_wire(gw, body, message):
+    """Types botocore would catch on the client, sent by hand: the refusal still names
+    the field instead of repeating the JSON parser."""
+    result = gw.raw(
+        "POST",
+        "/usageplans",
+        json.dumps({"name": unique("badtype"), **body}),
+        {"Content-Type": "application/json"},
+    )
+    assert result.status == 400, result
+    assert result.headers.get("x-amzn-errortype") == "BadRequestException", result
+    assert result.json == {"message": message}, result
+
+
+def test_create_reads_null_limits_as_absent(gw):
+    result = gw.raw(
+        "POST",
+        "/usageplans",
+        json.dumps({"name": unique("nulls"), "quota": None, "throttle": None}),
+        {"Content-Type": "application/json"},
+    )
+    assert result.status == 201, result
+    assert "quota" not in result.json and "throttle" not in result.json, result

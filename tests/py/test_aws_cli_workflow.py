@@ -168,3 +168,23 @@ def test_silver_plan_workflow(gw, aws):
         interval=0.02,
     )
     assert refused.json == {"message": "Forbidden"}, refused
+
+
+def test_update_stage_with_terraform_style_method_settings(gw, aws):
+    """What `terraform apply` of aws_api_gateway_method_settings sends, through the CLI:
+    metrics and logging settings mixed with the throttles in one update-stage."""
+    api_id = gw.proxy_api(stage="prod")["api"]
+    stage = aws(
+        "update-stage",
+        "--rest-api-id", api_id,
+        "--stage-name", "prod",
+        "--patch-operations",
+        "op=replace,path=/*/*/metrics/enabled,value=true",
+        "op=replace,path=/*/*/logging/loglevel,value=INFO",
+        "op=replace,path=/*/*/logging/dataTrace,value=false",
+        "op=replace,path=/*/*/throttling/burstLimit,value=30",
+        "op=replace,path=/*/*/throttling/rateLimit,value=15",
+        "op=replace,path=/*/*/caching/ttlInSeconds,value=60",
+    )
+    assert stage["methodSettings"]["*/*"]["throttlingBurstLimit"] == 30
+    assert stage["methodSettings"]["*/*"]["throttlingRateLimit"] == 15.0

@@ -10,8 +10,11 @@
 //!
 //! Choices where this gateway differs from AWS (documented in README):
 //! - Only `HTTP_PROXY`, `HTTP` (forwarded like `HTTP_PROXY`) and `MOCK` integrations exist.
-//! - Stage method settings keep throttling only; other settings (metrics, logging, caching) are
-//!   refused with 400 rather than silently dropped.
+//! - Stage method settings keep throttling only. UpdateStage accepts AWS's other method settings
+//!   (metrics, logging, caching) and the stage's `/tracingEnabled`, `/cacheClusterEnabled` and
+//!   `/cacheClusterSize`, checks their values as AWS does and does not keep them: the gateway
+//!   has no CloudWatch metrics, execution logs, X-Ray or cache, and the model (`plan::Stage`,
+//!   `plan::MethodSetting`) has no field for them. Reads show AWS's defaults for them.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +22,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{self, ApiError, PatchOp, Req, new_id, put_opt, tags_json};
+use super::wire::{self, ApiError, Order, PatchOp, Req, new_id, put_opt, tags_json};
 use super::{Ctx, Reply};
 use crate::plan::{
     ApiKeySource, Deployment, HTTP_METHODS, Integration, IntegrationType, Method, MethodSetting,
@@ -159,7 +162,9 @@ pub fn get_api(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
 /// GET /restapis
 pub fn list_apis(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     let m = ctx.control.model();
-    let page = wire::page(req, m.rest_apis.iter().collect())?;
+    let page = wire::page(req, m.rest_apis.iter().collect(), Order::Created, |a| {
+        a.id.as_str()
+    })?;
     Ok(Reply::ok(page.to_json(|a| api_json(a))))
 }
 
@@ -291,7 +296,9 @@ pub fn list_resources(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiEr
         .query
         .iter()
         .any(|(k, v)| k == "embed" && v == "methods");
-    let page = wire::page(req, a.resources.iter().collect())?;
+    let page = wire::page(req, a.resources.iter().collect(), Order::Created, |r| {
+        r.id.as_str()
+    })?;
     Ok(Reply::ok(page.to_json(|r| resource_json(a, r, embed))))
 }
 
@@ -748,7 +755,9 @@ pub fn create_deployment(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, Ap
 pub fn list_deployments(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
     let m = ctx.control.model();
     let a = api(&m, api_id)?;
-    let page = wire::page(req, a.deployments.iter().collect())?;
+    let page = wire::page(req, a.deployments.iter().collect(), Order::Created, |d| {
+        d.id.as_str()
+    })?;
     Ok(Reply::ok(page.to_json(|d| deployment_json(d))))
 }
 
@@ -908,13 +917,19 @@ pub fn get_stage(ctx: &Ctx, api_id: &str, name: &str) -> Result<Reply, ApiError>
     Ok(Reply::ok(stage_json(s)))
 }
 
-/// GET /restapis/{id}/stages (not paged, as AWS)
-pub fn list_stages(ctx: &Ctx, api_id: &str) -> Result<Reply, ApiError> {
+/// GET /restapis/{id}/stages[?deploymentId=] (not paged, as AWS): with `deploymentId`, only
+/// the stages serving that deployment.
+pub fn list_stages(ctx: &Ctx, req: &Req, api_id: &str) -> Result<Reply, ApiError> {
     let m = ctx.control.model();
     let a = api(&m, api_id)?;
-    Ok(Reply::ok(
-        json!({"item": a.stages.iter().map(stage_json).collect::<Vec<_>>()}),
-    ))
+    let deployment = req.param("deploymentId");
+    let stages: Vec<Value> = a
+        .stages
+        .iter()
+        .filter(|s| deployment.is_none_or(|d| s.deployment_id.as_deref() == Some(d)))
+        .map(stage_json)
+        .collect();
+    Ok(Reply::ok(json!({ "item": stages })))
 }
 
 /// PATCH /restapis/{id}/stages/{name}
@@ -939,15 +954,122 @@ pub fn update_stage(ctx: &Ctx, req: &Req, api_id: &str, name: &str) -> Result<Re
     Ok(Reply::ok(stage_json(&stage)))
 }
 
-const STAGE_PATHS: [&str; 6] = [
+const STAGE_PATHS: [&str; 17] = [
     "/description",
     "/deploymentId",
     "/variables/{name}",
+    "/tracingEnabled",
+    "/cacheClusterEnabled",
+    "/cacheClusterSize",
+    "/{resourcePath}/{httpMethod}/metrics/enabled",
+    "/{resourcePath}/{httpMethod}/logging/loglevel",
+    "/{resourcePath}/{httpMethod}/logging/dataTrace",
     "/{resourcePath}/{httpMethod}/throttling/rateLimit",
     "/{resourcePath}/{httpMethod}/throttling/burstLimit",
+    "/{resourcePath}/{httpMethod}/caching/enabled",
+    "/{resourcePath}/{httpMethod}/caching/ttlInSeconds",
+    "/{resourcePath}/{httpMethod}/caching/dataEncrypted",
+    "/{resourcePath}/{httpMethod}/caching/requireAuthorizationForCacheControl",
+    "/{resourcePath}/{httpMethod}/caching/unauthorizedCacheControlHeaderStrategy",
     "/{resourcePath}/{httpMethod}",
 ];
 
+/// The settings of a method-setting path, after `/{resourcePath}/{httpMethod}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MethodSettingPath {
+    /// `throttling/rateLimit`, kept.
+    ThrottlingRate,
+    /// `throttling/burstLimit`, kept.
+    ThrottlingBurst,
+    /// `metrics/enabled`, `logging/dataTrace`, `caching/enabled`, `caching/dataEncrypted`,
+    /// `caching/requireAuthorizationForCacheControl`: any value reads as a boolean, as AWS
+    /// reads them (`true` in any case is true).
+    Flag,
+    /// `logging/loglevel`: `OFF`, `ERROR` or `INFO`, in any case.
+    LogLevel,
+    /// `caching/ttlInSeconds`: 0 to 3600.
+    CacheTtl,
+    /// `caching/unauthorizedCacheControlHeaderStrategy`.
+    CacheControlStrategy,
+}
+
+const METHOD_SETTING_PATHS: [(&str, MethodSettingPath); 10] = [
+    ("/throttling/rateLimit", MethodSettingPath::ThrottlingRate),
+    ("/throttling/burstLimit", MethodSettingPath::ThrottlingBurst),
+    ("/metrics/enabled", MethodSettingPath::Flag),
+    ("/logging/dataTrace", MethodSettingPath::Flag),
+    ("/logging/loglevel", MethodSettingPath::LogLevel),
+    ("/caching/enabled", MethodSettingPath::Flag),
+    ("/caching/ttlInSeconds", MethodSettingPath::CacheTtl),
+    ("/caching/dataEncrypted", MethodSettingPath::Flag),
+    (
+        "/caching/requireAuthorizationForCacheControl",
+        MethodSettingPath::Flag,
+    ),
+    (
+        "/caching/unauthorizedCacheControlHeaderStrategy",
+        MethodSettingPath::CacheControlStrategy,
+    ),
+];
+
+/// Longest cache TTL AWS allows, in seconds.
+const MAX_CACHE_TTL_SECONDS: i64 = 3600;
+/// Cache cluster sizes AWS offers, in GB, as they are written.
+const CACHE_CLUSTER_SIZES: [&str; 8] = ["0.5", "1.6", "6.1", "13.5", "28.4", "58.2", "118", "237"];
+
+/// Checks the value of a method setting this gateway accepts without keeping (see the module
+/// doc); throttles are checked when they are stored.
+fn check_setting_value(kind: MethodSettingPath, op: &PatchOp) -> Result<(), ModelError> {
+    let value = op.value()?;
+    match kind {
+        MethodSettingPath::ThrottlingRate | MethodSettingPath::ThrottlingBurst => {}
+        MethodSettingPath::Flag => {
+            op.boolean()?;
+        }
+        MethodSettingPath::LogLevel => {
+            if !["OFF", "ERROR", "INFO"]
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(value.trim()))
+            {
+                return Err(ModelError::bad_request(format!(
+                    "Invalid logging level specified: {value}; must be one of OFF, ERROR, INFO"
+                )));
+            }
+        }
+        MethodSettingPath::CacheTtl => {
+            if !value
+                .trim()
+                .parse::<i64>()
+                .is_ok_and(|t| (0..=MAX_CACHE_TTL_SECONDS).contains(&t))
+            {
+                return Err(ModelError::bad_request(format!(
+                    "Invalid cache TTL specified: {value}; it must be an integer from 0 to {MAX_CACHE_TTL_SECONDS} seconds"
+                )));
+            }
+        }
+        MethodSettingPath::CacheControlStrategy => {
+            const STRATEGIES: [&str; 3] = [
+                "FAIL_WITH_403",
+                "SUCCEED_WITH_RESPONSE_HEADER",
+                "SUCCEED_WITHOUT_RESPONSE_HEADER",
+            ];
+            if !STRATEGIES.contains(&value.trim()) {
+                return Err(ModelError::bad_request(format!(
+                    "Invalid unauthorized cache control header strategy specified: {value}; must be one of {}",
+                    STRATEGIES.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One UpdateStage operation. Method settings other than throttling and the stage's tracing
+/// and cache-cluster settings are checked and then dropped (see the module doc); a method
+/// setting of any kind still creates the method's entry, so that a client (Terraform) that
+/// reads the entry back finds it: a throttling setting with AWS's default for the other
+/// throttle value, any other setting with the stage's `*/*` throttle (AWS's defaults without
+/// one).
 fn apply_stage_op(s: &mut Stage, op: &PatchOp, deployments: &[String]) -> Result<(), ModelError> {
     let path = op.path.as_str();
     match (op.op.as_str(), path) {
@@ -965,6 +1087,20 @@ fn apply_stage_op(s: &mut Stage, op: &PatchOp, deployments: &[String]) -> Result
             s.deployment_id = Some(id.to_string());
             return Ok(());
         }
+        ("replace", "/tracingEnabled" | "/cacheClusterEnabled") => {
+            op.boolean()?;
+            return Ok(());
+        }
+        ("replace", "/cacheClusterSize") => {
+            let value = op.value()?;
+            if !CACHE_CLUSTER_SIZES.contains(&value.trim()) {
+                return Err(ModelError::bad_request(format!(
+                    "Invalid cache cluster size specified: {value}; must be one of {}",
+                    CACHE_CLUSTER_SIZES.join(", ")
+                )));
+            }
+            return Ok(());
+        }
         _ => {}
     }
     if let Some(var) = path.strip_prefix("/variables/") {
@@ -980,27 +1116,39 @@ fn apply_stage_op(s: &mut Stage, op: &PatchOp, deployments: &[String]) -> Result
             _ => Err(op.invalid(&STAGE_PATHS)),
         };
     }
-    // `/{resourcePath}/{METHOD}[/throttling/{rateLimit|burstLimit}]`: the key is everything
-    // between the leading slash and the setting, kept as written (`*/*`, `pets/GET`,
-    // `~1pets/GET`).
+    // `/{resourcePath}/{METHOD}/{setting}`: the key is everything between the leading slash and
+    // the setting, kept as written (`*/*`, `pets/GET`, `~1pets/GET`).
     let body = path.strip_prefix('/').unwrap_or(path);
-    if let Some((key, field)) = body
-        .rsplit_once("/throttling/")
-        .filter(|(k, _)| k.contains('/'))
-    {
+    if let Some((key, kind)) = METHOD_SETTING_PATHS.iter().find_map(|(suffix, kind)| {
+        body.strip_suffix(suffix)
+            .filter(|k| k.contains('/'))
+            .map(|k| (k, *kind))
+    }) {
         if !matches!(op.op.as_str(), "replace" | "add") {
             return Err(op.invalid(&STAGE_PATHS));
         }
         crate::plan::parse_method_setting_key(key)?;
-        let setting = s.method_settings.entry(key.to_string()).or_default();
-        match field {
-            "rateLimit" => setting.throttling_rate_limit = op.number()?,
-            "burstLimit" => setting.throttling_burst_limit = op.integer()?,
-            _ => return Err(op.invalid(&STAGE_PATHS)),
+        check_setting_value(kind, op)?;
+        // A method's entry made by a setting this gateway does not keep takes the stage's
+        // `*/*` throttle, so enabling (say) metrics on one method never loosens its throttle.
+        let inherited = match kind {
+            MethodSettingPath::ThrottlingRate | MethodSettingPath::ThrottlingBurst => {
+                MethodSetting::default()
+            }
+            _ => s.method_settings.get("*/*").copied().unwrap_or_default(),
+        };
+        let setting = s
+            .method_settings
+            .entry(key.to_string())
+            .or_insert(inherited);
+        match kind {
+            MethodSettingPath::ThrottlingRate => setting.throttling_rate_limit = op.number()?,
+            MethodSettingPath::ThrottlingBurst => setting.throttling_burst_limit = op.integer()?,
+            _ => {}
         }
         return Ok(());
     }
-    if op.op == "remove" && body.matches('/').count() >= 1 && !body.contains("/throttling") {
+    if op.op == "remove" && body.contains('/') && !body.contains("/throttling") {
         crate::plan::parse_method_setting_key(body)?;
         if s.method_settings.remove(body).is_none() {
             return Err(ModelError::bad_request(format!(
@@ -1008,11 +1156,6 @@ fn apply_stage_op(s: &mut Stage, op: &PatchOp, deployments: &[String]) -> Result
             )));
         }
         return Ok(());
-    }
-    if body.contains('/') && op.op == "replace" {
-        return Err(ModelError::bad_request(format!(
-            "Stage setting {path} is not supported by this gateway; only throttling settings are kept"
-        )));
     }
     Err(op.invalid(&STAGE_PATHS))
 }

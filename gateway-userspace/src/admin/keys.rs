@@ -2,7 +2,8 @@
 //!
 //! Shapes follow AWS: `value` only with `includeValue(s)=true` (always on create), `stageKeys`
 //! always present, `tags` left out of create/get/list when empty and `{}` on update. Lists keep
-//! creation order (oldest first) so `position` stays valid while keys are added.
+//! creation order (oldest first); `position` resumes after the last key returned, so paging
+//! stays complete while keys are added or deleted between pages (see [`wire::page`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,7 +11,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{self, ApiError, Req, new_id, put_opt, tags_json};
+use super::wire::{self, ApiError, Order, Req, new_id, put_opt, tags_json};
 use super::{Ctx, Reply};
 use crate::plan::{ApiKey, Model, ModelError, UsagePlanKey};
 
@@ -132,7 +133,7 @@ pub fn list(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
         .filter(|k| customer.is_none_or(|c| k.customer_id.as_deref() == Some(c)))
         .collect();
     let include = req.flag("includeValues");
-    let page = wire::page(req, keys)?;
+    let page = wire::page(req, keys, Order::Created, |k| k.id.as_str())?;
     Ok(Reply::ok(page.to_json(|k| key_json(k, include, false))))
 }
 
@@ -177,9 +178,11 @@ pub fn delete(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
 /// POST /apikeys?mode=import&format=csv[&failonwarnings=true]
 ///
 /// Columns `Name` and `Key` are required, `Description`, `Enabled` (default true) and
-/// `UsagePlanIds` (comma separated) optional; header names are case-insensitive and unknown
-/// columns ignored. A row whose `Key` value exists updates that key. A bad row is skipped with a
-/// warning; with `failonwarnings=true` any warning fails the whole import and nothing changes.
+/// `UsagePlanIds` (comma separated, inside `"..."` or `'...'` when there is more than one)
+/// optional; header names are case-insensitive and unknown columns ignored. A row whose `Key`
+/// value exists updates that key. A bad row is skipped with a warning; a row with more fields
+/// than the header has columns is imported with a warning naming the ignored fields. With
+/// `failonwarnings=true` any warning fails the whole import and nothing changes.
 pub fn import(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     match req.param("format") {
         Some(f) if f.eq_ignore_ascii_case("csv") => {}
@@ -207,6 +210,9 @@ pub fn import(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
             ids: m.api_keys.iter().map(|k| k.id.clone()).collect(),
         };
         for row in rows {
+            if let Some(note) = &row.note {
+                warnings.push(format!("Line {}: {note}", row.line));
+            }
             match import_row(m, &mut index, &row, now) {
                 Ok(id) => ids.push(id),
                 Err(e) => warnings.push(format!("Line {}: {}", row.line, e.message)),
@@ -230,6 +236,8 @@ pub fn import(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
 
 struct Row {
     line: u64,
+    /// A warning about the row that does not stop its import.
+    note: Option<String>,
     name: String,
     key: String,
     description: Option<String>,
@@ -256,6 +264,7 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Row>, ApiError> {
             "Invalid API key CSV: the header must name the columns Name and Key",
         ));
     };
+    let plans_col = column.get("usageplanids").copied();
     let mut rows = Vec::new();
     for record in reader.records() {
         let record =
@@ -265,17 +274,32 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Row>, ApiError> {
                 "Invalid API key CSV: more than {MAX_IMPORT_ROWS} rows"
             )));
         }
-        let field = |col: Option<&usize>| col.and_then(|&i| record.get(i)).unwrap_or("");
+        let line = record.position().map_or(0, |p| p.line());
+        let fields = match plans_col {
+            Some(col) => join_single_quoted(record.iter().collect(), col),
+            None => record.iter().map(str::to_string).collect(),
+        };
+        let note = (fields.len() > headers.len()).then(|| {
+            format!(
+                "the row has {} fields but the header names {} columns; the fields after the {} were ignored",
+                fields.len(),
+                headers.len(),
+                ordinal(headers.len())
+            )
+        });
+        let field =
+            |col: Option<&usize>| col.and_then(|&i| fields.get(i)).map_or("", String::as_str);
         let enabled = field(column.get("enabled"));
         rows.push(Row {
-            line: record.position().map_or(0, |p| p.line()),
+            line,
+            note,
             name: field(Some(&name_col)).to_string(),
             key: field(Some(&key_col)).to_string(),
             description: Some(field(column.get("description")))
                 .filter(|d| !d.is_empty())
                 .map(str::to_string),
             enabled: enabled.is_empty() || enabled.eq_ignore_ascii_case("true"),
-            plans: field(column.get("usageplanids"))
+            plans: field(plans_col.as_ref())
                 .trim_matches(|c| c == '"' || c == '\'')
                 .split(',')
                 .map(str::trim)
@@ -285,6 +309,45 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Row>, ApiError> {
         });
     }
     Ok(rows)
+}
+
+/// The fields of a record with a `'...'`-quoted list in column `col` made one field again.
+///
+/// The CSV reader only knows `"` as a quote, so `'p1,p2'` arrives as the fields `'p1` and
+/// `p2'`. When the field at `col` opens a single quote it does not close, it is joined (with
+/// `,`) with the fields up to the first one that ends with `'`; with no such field the record
+/// is left as it is. Only that column is treated so: a `'` elsewhere (`O'Brien`) is text.
+fn join_single_quoted(fields: Vec<&str>, col: usize) -> Vec<String> {
+    let opens = fields
+        .get(col)
+        .is_some_and(|f| f.starts_with('\'') && (f.len() == 1 || !f.ends_with('\'')));
+    let close = fields
+        .iter()
+        .enumerate()
+        .skip(col + 1)
+        .find(|(_, f)| f.ends_with('\''))
+        .map(|(i, _)| i);
+    match close {
+        Some(close) if opens => {
+            let mut out: Vec<String> = fields[..col].iter().map(|f| f.to_string()).collect();
+            out.push(fields[col..=close].join(","));
+            out.extend(fields[close + 1..].iter().map(|f| f.to_string()));
+            out
+        }
+        _ => fields.into_iter().map(str::to_string).collect(),
+    }
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, ... (column counts in import warnings).
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// Keys of the model being imported into, by value and by id.
@@ -300,7 +363,7 @@ fn import_row(
     row: &Row,
     now: i64,
 ) -> Result<String, ModelError> {
-    crate::plan::validate_api_key_value(&row.key)?;
+    crate::plan::validate_new_api_key_value(&row.key)?;
     crate::plan::validate_api_key_name(Some(&row.name))?;
     crate::plan::validate_api_key_description(row.description.as_deref())?;
     for plan in &row.plans {
@@ -393,4 +456,44 @@ fn add_new_key_to_plans(m: &mut Model, id: &str, plans: &[String]) -> Result<(),
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_quoted_plan_list_is_one_field() {
+        let joined = join_single_quoted(vec!["n", "k", "'p1", "p2", "p3'", "d"], 2);
+        assert_eq!(joined, ["n", "k", "'p1,p2,p3'", "d"]);
+        // Closed in one field, unclosed, or quoted elsewhere: left alone.
+        for fields in [
+            vec!["n", "k", "'p1'", "d"],
+            vec!["n", "k", "'p1", "p2"],
+            vec!["O'Brien", "k", "p1", "d'"],
+        ] {
+            let same: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            assert_eq!(join_single_quoted(fields, 2), same);
+        }
+    }
+
+    #[test]
+    fn rows_with_more_fields_than_the_header_carry_a_note() {
+        let value = "a".repeat(30);
+        let csv = format!("name,key,usageplanids\nn1,{value},'p1,p2'\nn2,{value},p1,p2\n");
+        let rows = parse_csv(csv.as_bytes()).expect("a valid CSV");
+        assert_eq!(rows[0].plans, ["p1", "p2"]);
+        assert_eq!(rows[0].note, None);
+        assert_eq!(rows[1].plans, ["p1"]);
+        assert_eq!(
+            rows[1].note.as_deref(),
+            Some(
+                "the row has 4 fields but the header names 3 columns; the fields after the 3rd were ignored"
+            )
+        );
+        assert_eq!(
+            (ordinal(1), ordinal(2), ordinal(11), ordinal(22)),
+            ("1st".into(), "2nd".into(), "11th".into(), "22nd".into())
+        );
+    }
 }

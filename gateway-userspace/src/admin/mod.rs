@@ -296,7 +296,7 @@ fn route(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
         (["restapis", id, "deployments", d], &M::PATCH) => apis::update_deployment(ctx, req, id, d),
         (["restapis", id, "deployments", d], &M::DELETE) => apis::delete_deployment(ctx, id, d),
         (["restapis", id, "stages"], &M::POST) => apis::create_stage(ctx, req, id),
-        (["restapis", id, "stages"], &M::GET) => apis::list_stages(ctx, id),
+        (["restapis", id, "stages"], &M::GET) => apis::list_stages(ctx, req, id),
         (["restapis", id, "stages", s], &M::GET) => apis::get_stage(ctx, id, s),
         (["restapis", id, "stages", s], &M::PATCH) => apis::update_stage(ctx, req, id, s),
         (["restapis", id, "stages", s], &M::DELETE) => apis::delete_stage(ctx, id, s),

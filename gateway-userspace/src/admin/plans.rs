@@ -10,10 +10,10 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{self, ApiError, PatchOp, Req, new_id, put_opt, tags_json, unescape};
+use super::wire::{self, ApiError, Order, PatchOp, Req, new_id, put_opt, tags_json, unescape};
 use super::{Ctx, Reply};
 use crate::plan::{
-    ApiStage, ErrorKind, Model, ModelError, QuotaPeriod, QuotaSettings, ThrottleSettings,
+    ApiKey, ApiStage, ErrorKind, Model, ModelError, QuotaPeriod, QuotaSettings, ThrottleSettings,
     UsagePlan, parse_plan_method_key,
 };
 
@@ -68,6 +68,9 @@ fn stage_json(s: &ApiStage) -> Value {
     Value::Object(o)
 }
 
+/// The CreateUsagePlan body. `throttle`, `quota` and the stages' throttles are read as JSON
+/// first and converted by [`throttle_from`] and [`quota_from`], so a missing or mistyped member
+/// is refused with a message naming it rather than with the JSON parser's text.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CreatePlan {
@@ -76,13 +79,115 @@ struct CreatePlan {
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
-    api_stages: Vec<ApiStage>,
+    api_stages: Vec<CreateApiStage>,
     #[serde(default)]
-    throttle: Option<ThrottleSettings>,
+    throttle: Option<Value>,
     #[serde(default)]
-    quota: Option<QuotaSettings>,
+    quota: Option<Value>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
+}
+
+/// An `apiStages` item; a blank `apiId` or `stage` is refused by the model with AWS's text.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateApiStage {
+    #[serde(default)]
+    api_id: String,
+    #[serde(default)]
+    stage: String,
+    #[serde(default)]
+    throttle: BTreeMap<String, Value>,
+}
+
+const QUOTA_PERIODS: &str = "must be one of DAY, WEEK, MONTH";
+
+/// A quota period as AWS spells it (upper case), or 400 naming the value.
+fn quota_period(value: &str) -> Result<QuotaPeriod, ModelError> {
+    match value {
+        "DAY" => Ok(QuotaPeriod::Day),
+        "WEEK" => Ok(QuotaPeriod::Week),
+        "MONTH" => Ok(QuotaPeriod::Month),
+        _ => Err(invalid_quota_period(value)),
+    }
+}
+
+fn invalid_quota_period(value: &str) -> ModelError {
+    ModelError::bad_request(format!(
+        "Invalid quota period specified: {value}; {QUOTA_PERIODS}"
+    ))
+}
+
+/// `{"limit": int, "period": "DAY"|"WEEK"|"MONTH", "offset"?: int}`; range checks are the
+/// model's (`validate_quota`).
+fn quota_from(v: &Value) -> Result<QuotaSettings, ModelError> {
+    let Value::Object(o) = v else {
+        return Err(ModelError::bad_request(
+            "Invalid quota specified: it must be an object with limit, period and offset",
+        ));
+    };
+    let limit = match o.get("limit") {
+        None | Some(Value::Null) => {
+            return Err(ModelError::bad_request(
+                "Invalid quota specified: quota.limit is required",
+            ));
+        }
+        Some(l) => l.as_i64().ok_or_else(|| {
+            ModelError::bad_request(
+                "Invalid Usage Plan quota limit specified. It must be a non-negative integer.",
+            )
+        })?,
+    };
+    let offset = match o.get("offset") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            ModelError::bad_request("Invalid quota offset specified. It must be an integer.")
+        })?,
+    };
+    let period = match o.get("period") {
+        None | Some(Value::Null) => {
+            return Err(ModelError::bad_request(format!(
+                "Invalid quota specified: quota.period is required and {QUOTA_PERIODS}"
+            )));
+        }
+        Some(Value::String(p)) => quota_period(p)?,
+        Some(other) => quota_period(&other.to_string())?,
+    };
+    Ok(QuotaSettings {
+        limit,
+        offset,
+        period,
+    })
+}
+
+/// `{"burstLimit"?: int, "rateLimit"?: number}`; range checks are the model's
+/// (`validate_throttle`).
+fn throttle_from(v: &Value) -> Result<ThrottleSettings, ModelError> {
+    let Value::Object(o) = v else {
+        return Err(ModelError::bad_request(
+            "Invalid throttle specified: it must be an object with burstLimit and rateLimit",
+        ));
+    };
+    let burst_limit = match o.get("burstLimit") {
+        None | Some(Value::Null) => None,
+        Some(b) => Some(b.as_i64().ok_or_else(|| {
+            ModelError::bad_request(
+                "Invalid throttle burstLimit specified. It must be a non-negative integer.",
+            )
+        })?),
+    };
+    let rate_limit = match o.get("rateLimit") {
+        None | Some(Value::Null) => None,
+        Some(r) => Some(r.as_f64().ok_or_else(|| {
+            ModelError::bad_request(
+                "Invalid throttle rateLimit specified. It must be a non-negative number.",
+            )
+        })?),
+    };
+    Ok(ThrottleSettings {
+        burst_limit,
+        rate_limit,
+    })
 }
 
 /// POST /usageplans
@@ -92,14 +197,43 @@ pub fn create(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
     let Some(name) = body.name.filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request("Invalid usage plan name specified"));
     };
+    // `null` is the member left out.
+    let throttle = body
+        .throttle
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .map(throttle_from)
+        .transpose()?;
+    let quota = body
+        .quota
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .map(quota_from)
+        .transpose()?;
+    let api_stages = body
+        .api_stages
+        .into_iter()
+        .map(|s| {
+            let throttle = s
+                .throttle
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), throttle_from(v)?)))
+                .collect::<Result<_, ModelError>>()?;
+            Ok(ApiStage {
+                api_id: s.api_id,
+                stage: s.stage,
+                throttle,
+            })
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
     let plan = ctx.control.update(move |m| {
         let plan = UsagePlan {
             id: new_id(6, |id| m.usage_plans.iter().any(|p| p.id == id)),
             name,
             description: body.description,
-            api_stages: body.api_stages,
-            throttle: body.throttle,
-            quota: body.quota,
+            api_stages,
+            throttle,
+            quota,
             product_code: None,
             tags: body.tags,
         };
@@ -129,7 +263,7 @@ pub fn list(ctx: &Ctx, req: &Req) -> Result<Reply, ApiError> {
             })
         })
         .collect();
-    let page = wire::page(req, plans)?;
+    let page = wire::page(req, plans, Order::Created, |p| p.id.as_str())?;
     Ok(Reply::ok(page.to_json(|p| plan_json(p, false))))
 }
 
@@ -183,7 +317,8 @@ const REMOVE_PATHS: [&str; 6] = [
     "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>",
     "/apiStages/<apidId:stageName>/throttle",
 ];
-const REPLACE_PATHS: [&str; 12] = [
+/// AWS changes `/apiStages` itself with add and remove only, so it is not listed here.
+const REPLACE_PATHS: [&str; 11] = [
     "/name",
     "/description",
     "/productCode",
@@ -195,7 +330,6 @@ const REPLACE_PATHS: [&str; 12] = [
     "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>/rateLimit",
     "/apiStages/<apidId:stageName>/throttle/<resourcePath>/<httpMethod>/burstLimit",
     "/apiStages/<apidId:stageName>/throttle",
-    "/apiStages",
 ];
 const ADD_PATHS: [&str; 7] = [
     "/productCode",
@@ -257,17 +391,10 @@ fn apply_plan_op(m: &mut Model, id: &str, op: &PatchOp) -> Result<(), ModelError
             match path {
                 "/quota/limit" => quota.limit = op.integer()?,
                 "/quota/offset" => quota.offset = op.integer()?,
+                // UpdateUsagePlan has always taken the period in any case.
                 _ => {
-                    quota.period = match value.to_ascii_uppercase().as_str() {
-                        "DAY" => QuotaPeriod::Day,
-                        "WEEK" => QuotaPeriod::Week,
-                        "MONTH" => QuotaPeriod::Month,
-                        _ => {
-                            return Err(ModelError::bad_request(format!(
-                                "Invalid quota period specified: {value}; must be one of DAY, WEEK, MONTH"
-                            )));
-                        }
-                    }
+                    quota.period = quota_period(&value.to_ascii_uppercase())
+                        .map_err(|_| invalid_quota_period(&value))?;
                 }
             }
         }
@@ -408,14 +535,13 @@ pub fn delete(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::accepted())
 }
 
-fn plan_key_json(m: &Model, key_id: &str) -> Option<Value> {
-    let k = m.api_keys.iter().find(|k| k.id == key_id)?;
+fn plan_key_json(k: &ApiKey) -> Value {
     let mut o = serde_json::Map::new();
     o.insert("id".into(), k.id.clone().into());
     o.insert("type".into(), "API_KEY".into());
     o.insert("value".into(), k.value.clone().into());
     put_opt(&mut o, "name", k.name.clone());
-    Some(Value::Object(o))
+    Value::Object(o)
 }
 
 #[derive(Deserialize)]
@@ -458,24 +584,22 @@ pub fn get_key(ctx: &Ctx, plan_id: &str, key_id: &str) -> Result<Reply, ApiError
     {
         return Err(ModelError::unknown_usage_plan().into());
     }
-    let json = plan_key_json(&m, key_id).ok_or_else(ModelError::unknown_api_key)?;
-    Ok(Reply::ok(json))
+    Ok(Reply::ok(plan_key_json(m.api_key(key_id)?)))
 }
 
 /// GET /usageplans/{id}/keys[?name=] (an unknown plan lists nothing, as AWS does)
 pub fn list_keys(ctx: &Ctx, req: &Req, plan_id: &str) -> Result<Reply, ApiError> {
     let m = ctx.control.model();
     let name = req.param("name");
-    let keys: Vec<Value> = m
+    let keys: Vec<&ApiKey> = m
         .usage_plan_keys
         .iter()
         .filter(|u| u.usage_plan_id == plan_id)
         .filter_map(|u| m.api_keys.iter().find(|k| k.id == u.key_id))
         .filter(|k| name.is_none_or(|n| k.name.as_deref().unwrap_or("").starts_with(n)))
-        .filter_map(|k| plan_key_json(&m, &k.id))
         .collect();
-    let page = wire::page(req, keys)?;
-    Ok(Reply::ok(page.to_json(Value::clone)))
+    let page = wire::page(req, keys, Order::Created, |k| k.id.as_str())?;
+    Ok(Reply::ok(page.to_json(|k| plan_key_json(k))))
 }
 
 /// DELETE /usageplans/{id}/keys/{keyId}
@@ -500,7 +624,7 @@ pub fn usage(ctx: &Ctx, req: &Req, plan_id: &str) -> Result<Reply, ApiError> {
         .engine()
         .usage(plan_id, req.param("keyId"), start, end)?;
     let keys: Vec<(String, Vec<[u64; 2]>)> = usage.items.into_iter().collect();
-    let page = wire::page(req, keys)?;
+    let page = wire::page(req, keys, Order::Id, |(id, _)| id.as_str())?;
     let mut o = serde_json::Map::new();
     o.insert("usagePlanId".into(), usage.usage_plan_id.into());
     o.insert("startDate".into(), usage.start_date.into());

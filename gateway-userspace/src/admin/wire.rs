@@ -226,9 +226,88 @@ impl<T> Page<T> {
     }
 }
 
-/// Pages `items` with the request's `limit` (default 25, at most 500) and `position` (an
-/// opaque token this gateway made: the offset of the next item).
-pub fn page<T>(req: &Req, items: Vec<T>) -> Result<Page<T>, ApiError> {
+/// How a list is ordered, which decides where a `position` token resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Creation order (oldest first): new items are appended and a deletion never reorders
+    /// the rest (API keys, plans, plan keys, REST APIs, resources, deployments).
+    Created,
+    /// Ascending by id (GetUsage's keys).
+    Id,
+}
+
+/// Where the next page starts: the id of the last item returned, the id of the item after
+/// it and the last item's index, all as they were when the page was made.
+#[derive(Debug, PartialEq, Eq)]
+struct Position {
+    last_index: usize,
+    last: String,
+    next: String,
+}
+
+impl Position {
+    /// Lowercase hex of the JSON `[last_index, last, next]`: opaque and URL-safe.
+    fn encode(&self) -> String {
+        let json = serde_json::to_vec(&(self.last_index, &self.last, &self.next))
+            .expect("a tuple of a number and strings serialises");
+        hex::encode(json)
+    }
+
+    /// `None` for anything [`Position::encode`] did not make.
+    fn decode(token: &str) -> Option<Position> {
+        let bytes = hex::decode(token).ok()?;
+        let (last_index, last, next): (usize, String, String) =
+            serde_json::from_slice(&bytes).ok()?;
+        Some(Position {
+            last_index,
+            last,
+            next,
+        })
+    }
+
+    /// The index in `ids` (the list as it is now) of the first item the client has not seen.
+    ///
+    /// [`Order::Id`]: the first id above `last`, exact whatever was added or deleted.
+    ///
+    /// [`Order::Created`]: survivors keep their relative order and new items go to the end,
+    /// so the answer is right after `last` while it exists, else at `next` (the common
+    /// cleanup loop deletes every item of a page, `last` included, before asking for the
+    /// next one). When both are gone it is `last_index`: deleting `last` moved everything
+    /// after it up by at least one, so this is exact when `last` was the only deleted item
+    /// the client had seen, and otherwise may skip as many items as were deleted from the
+    /// pages already returned besides `last` (it never repeats an item).
+    fn start<'a>(&self, ids: impl Iterator<Item = &'a str>, order: Order) -> usize {
+        match order {
+            Order::Id => ids.take_while(|id| *id <= self.last.as_str()).count(),
+            Order::Created => {
+                let mut next_at = None;
+                for (i, id) in ids.enumerate() {
+                    if id == self.last {
+                        return i + 1;
+                    }
+                    if id == self.next && next_at.is_none() {
+                        next_at = Some(i);
+                    }
+                }
+                next_at.unwrap_or(self.last_index)
+            }
+        }
+    }
+}
+
+/// Pages `items` (in `order`, with `id` naming each) with the request's `limit` (default 25,
+/// at most 500) and `position`, an opaque token made by an earlier page of the same list.
+///
+/// The token remembers the last item returned rather than an offset, so a client that deletes
+/// items between pages (paging GetApiKeys and deleting every key of each page, say) still gets
+/// every remaining item exactly once; [`Position::start`] says how it resumes. A token this
+/// gateway did not make is 400 `Invalid position specified: <token>`.
+pub fn page<T>(
+    req: &Req,
+    items: Vec<T>,
+    order: Order,
+    id: impl Fn(&T) -> &str,
+) -> Result<Page<T>, ApiError> {
     let limit = match req.param("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => v
@@ -241,20 +320,24 @@ pub fn page<T>(req: &Req, items: Vec<T>) -> Result<Page<T>, ApiError> {
                 ))
             })?,
     };
+    let total = items.len();
     let start = match req.param("position") {
         None | Some("") => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("Invalid position specified: {v}")))?,
+        Some(v) => Position::decode(v)
+            .ok_or_else(|| ApiError::bad_request(format!("Invalid position specified: {v}")))?
+            .start(items.iter().map(&id), order)
+            .min(total),
     };
-    let total = items.len();
     let end = start.saturating_add(limit).min(total);
-    let items: Vec<T> = items
-        .into_iter()
-        .skip(start)
-        .take(end.saturating_sub(start))
-        .collect();
-    let position = (end < total).then(|| end.to_string());
+    let position = (end < total && end > start).then(|| {
+        Position {
+            last_index: end - 1,
+            last: id(&items[end - 1]).to_string(),
+            next: id(&items[end]).to_string(),
+        }
+        .encode()
+    });
+    let items: Vec<T> = items.into_iter().skip(start).take(end - start).collect();
     Ok(Page { items, position })
 }
 
@@ -299,4 +382,87 @@ pub fn tags_json(tags: &BTreeMap<String, String>) -> Value {
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(query: &[(&str, &str)]) -> Req {
+        Req {
+            method: http::Method::GET,
+            segments: Vec::new(),
+            query: query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn list(ids: &[&str], limit: &str, position: Option<&str>, order: Order) -> Page<String> {
+        let mut query = vec![("limit", limit)];
+        if let Some(p) = position {
+            query.push(("position", p));
+        }
+        let items = ids.iter().map(|s| s.to_string()).collect();
+        page(&req(&query), items, order, String::as_str).expect("a valid request")
+    }
+
+    #[test]
+    fn deleting_each_page_before_the_next_skips_nothing() {
+        let mut ids: Vec<&str> = vec!["k", "c", "x", "a", "q", "m", "b"];
+        let mut seen = Vec::new();
+        let mut position = None;
+        loop {
+            let p = list(&ids, "2", position.as_deref(), Order::Created);
+            for item in &p.items {
+                ids.retain(|i| i != item);
+                seen.push(item.clone());
+            }
+            position = p.position;
+            if position.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen, ["k", "c", "x", "a", "q", "m", "b"]);
+        assert!(ids.is_empty());
+    }
+
+    #[test]
+    fn resumes_after_the_last_item_while_it_exists_and_sees_new_ones() {
+        let first = list(&["a", "b", "c", "d"], "2", None, Order::Created);
+        let token = first.position.expect("more items follow");
+        // "a" and "c" (the next one) went, "e" came: resume after "b".
+        let next = list(&["b", "d", "e"], "5", Some(&token), Order::Created);
+        assert_eq!(next.items, ["d", "e"]);
+        assert_eq!(next.position, None);
+        // Both "b" and "c" went: the recorded index of "b" (1), exact when "b" was the only
+        // item seen that went.
+        let next = list(&["a", "d", "e"], "5", Some(&token), Order::Created);
+        assert_eq!(next.items, ["d", "e"]);
+    }
+
+    #[test]
+    fn id_order_resumes_at_the_first_id_above_the_last() {
+        let first = list(&["a", "c", "e", "g"], "2", None, Order::Id);
+        let token = first.position.expect("more items follow");
+        let next = list(&["b", "d", "e", "g"], "5", Some(&token), Order::Id);
+        assert_eq!(next.items, ["d", "e", "g"]);
+    }
+
+    #[test]
+    fn positions_this_gateway_did_not_make_are_refused() {
+        for junk in ["junk", "12", "-1", "7b7d", "5b315d"] {
+            let result = page(
+                &req(&[("position", junk)]),
+                vec!["a".to_string()],
+                Order::Created,
+                String::as_str,
+            );
+            let error = result.err().expect("a junk position is refused");
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.message, format!("Invalid position specified: {junk}"));
+        }
+    }
 }
