@@ -363,6 +363,9 @@ pub struct RouteIntegration {
     pub uri: String,
     /// Upstream timeout, milliseconds.
     pub timeout_ms: u32,
+    /// Method of the upstream request (`httpMethod` of the integration); `None` (unset or
+    /// `ANY`) sends the client's method.
+    pub http_method: Option<String>,
 }
 
 /// A request matched to a REST API, stage, resource and method.
@@ -1719,10 +1722,16 @@ fn compile(
                     _ => None,
                 };
                 buckets.push(b);
-                integrations.push(template.map(|i| RouteIntegration {
-                    integration_type: i.integration_type,
-                    uri: substitute_stage_vars(&i.uri, &s.variables),
-                    timeout_ms: i.timeout_in_millis,
+                integrations.push(template.map(|i| {
+                    RouteIntegration {
+                        integration_type: i.integration_type,
+                        uri: substitute_stage_vars(&i.uri, &s.variables),
+                        timeout_ms: i.timeout_in_millis,
+                        http_method: i
+                            .http_method
+                            .clone()
+                            .filter(|m| !m.is_empty() && !m.eq_ignore_ascii_case("ANY")),
+                    }
                 }));
             }
             stage_map.insert(s.stage_name.clone(), stages.len() as u32);

@@ -18,10 +18,15 @@ const NO_PLAN: &str = "noplan-key-000000000000003";
 const OTHER: &str = "other-key-0000000000000004";
 
 /// API `a1b2c3d4e5`, stage `prod`: `GET /pets/{id}` and `ANY /{proxy+}` need a key,
-/// `GET /public` does not. Plan `silver` (rate 1/s, burst 3, quota 5/day) holds the
-/// silver and disabled keys; plan `other` (no limits) holds the other key.
+/// `GET /public` and `GET /legacy` (sent upstream as POST) do not. Plan `silver` (rate 1/s,
+/// burst 3, quota 5/day) holds the silver and disabled keys; plan `other` (no limits) holds
+/// the other key.
 fn model(upstream: &Upstream) -> Model {
     let up = format!("http://{}", upstream.addr);
+    let mut legacy = Method::http_proxy(format!("{up}/legacy"));
+    if let Some(integration) = legacy.method_integration.as_mut() {
+        integration.http_method = Some("POST".into());
+    }
     Model::new()
         .api(
             RestApi::new(API, "pets")
@@ -31,6 +36,7 @@ fn model(upstream: &Upstream) -> Model {
                     Method::http_proxy(format!("{up}/pets/{{id}}")).key_required(true),
                 )
                 .method("/public", "GET", Method::http_proxy(format!("{up}/public")))
+                .method("/legacy", "GET", legacy)
                 .method(
                     "/{proxy+}",
                     "ANY",
@@ -222,6 +228,25 @@ fn paths_that_could_climb_and_doubled_keys_are_refused() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{body}");
     let echo: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(echo["path"], "/files/report.v2.json");
+    Ok(())
+}
+
+#[test]
+fn the_integration_method_is_the_upstream_method() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let (gw, _dir) = start(&upstream, &[])?;
+    let (status, _, body) = get(&gw, "/prod/legacy", None, &[])?;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (echo["method"].as_str(), echo["path"].as_str()),
+        (Some("POST"), Some("/legacy"))
+    );
+    // `ANY` (or no method) sends the client's.
+    let (status, _, body) = get(&gw, "/prod/pets/1", Some(OTHER), &["-X", "DELETE"])?;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(echo["method"], "DELETE");
     Ok(())
 }
 

@@ -578,6 +578,8 @@ pub fn put_integration(
         ));
     }
     let verb = verb(http_method)?;
+    // The method the upstream request is sent with (`ANY`: the client's).
+    let upstream_method = body.http_method.as_deref().map(self::verb).transpose()?;
     let (api_id, rid) = (api_id.to_string(), rid.to_string());
     let (r, integration) = ctx.control.update(move |m| {
         let r = resource_mut(m, &api_id, &rid)?;
@@ -589,7 +591,7 @@ pub fn put_integration(
             integration_type: kind,
             uri,
             timeout_in_millis: timeout,
-            http_method: body.http_method,
+            http_method: upstream_method,
         };
         method.method_integration = Some(integration.clone());
         Ok((r.clone(), integration))
