@@ -802,7 +802,7 @@ pub struct KeyCreate {
     /// Name of the key, e.g. the customer's name.
     #[arg(long, value_parser = non_empty)]
     pub name: String,
-    /// The key's value (20 to 128 characters); generated when left out.
+    /// The key's value (20 to 128 visible ASCII characters, no spaces); generated when left out.
     #[arg(long)]
     pub value: Option<String>,
     /// Your own id of the customer the key belongs to.
