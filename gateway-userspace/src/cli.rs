@@ -148,7 +148,12 @@ pub struct ServeArgs {
     pub xdp_mode: XdpMode,
     /// Kernel bucket of a key = its plan throttle (rate and burst) times this; 1.0 makes the
     /// kernel enforce the plan exactly, higher leaves every exact answer to the proxy.
-    #[arg(long, default_value_t = 2.0, requires = "xdp_iface")]
+    #[arg(
+        long,
+        default_value_t = 2.0,
+        requires = "xdp_iface",
+        allow_negative_numbers = true
+    )]
     pub xdp_headroom: f64,
     /// Refused requests of a key over its quota, within --xdp-shed-window-secs, after which the
     /// kernel drops that key's request starts until the quota resets (at most --xdp-shed-ttl-secs).
@@ -172,7 +177,12 @@ pub struct ServeArgs {
     pub xdp_scan_ttl_secs: u64,
     /// New TCP connections (SYNs) per second one source address may open; 0 turns the
     /// SYN guard off.
-    #[arg(long, default_value_t = 200.0, requires = "xdp_iface")]
+    #[arg(
+        long,
+        default_value_t = 200.0,
+        requires = "xdp_iface",
+        allow_negative_numbers = true
+    )]
     pub xdp_syn_rate: f64,
     /// Burst of SYNs per source above --xdp-syn-rate.
     #[arg(long, default_value_t = 400, requires = "xdp_iface")]
@@ -182,7 +192,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = gateway_common::sizes::KEY_SLOTS, requires = "xdp_iface")]
     pub xdp_key_slots: u32,
     /// Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, allow_negative_numbers = true)]
     pub drain_timeout_secs: u64,
     /// Milliseconds to wait for an upstream response before answering 504 (AWS: 29000).
     #[arg(long, default_value_t = 29_000)]
@@ -254,11 +264,16 @@ impl ServeArgs {
         };
         let admin_credentials = match (self.admin_access_key_id, self.admin_secret_access_key) {
             (Some(access_key_id), Some(secret_access_key)) => {
-                if access_key_id.is_empty() || secret_access_key.is_empty() {
-                    return Err(FlagError {
-                        flag: "admin-access-key-id",
-                        reason: "the access key id and the secret must not be empty".into(),
-                    });
+                for (flag, value) in [
+                    ("admin-access-key-id", &access_key_id),
+                    ("admin-secret-access-key", &secret_access_key),
+                ] {
+                    if value.is_empty() {
+                        return Err(FlagError {
+                            flag,
+                            reason: "must not be empty".into(),
+                        });
+                    }
                 }
                 Some(crate::sigv4::Credentials {
                     access_key_id,
@@ -323,22 +338,24 @@ impl ServeArgs {
                 reason: "must be a number of at least 1.0 (the kernel must not refuse what the plan admits)".into(),
             });
         }
-        if !(self.xdp_syn_rate.is_finite() && self.xdp_syn_rate >= 0.0) || self.xdp_syn_burst == 0 {
+        if !(self.xdp_syn_rate.is_finite() && self.xdp_syn_rate >= 0.0) {
             return Err(FlagError {
                 flag: "xdp-syn-rate",
-                reason: "the SYN rate must be 0 (off) or positive, with --xdp-syn-burst at least 1"
-                    .into(),
+                reason: "must be 0 (off) or a positive number of SYNs per second".into(),
             });
         }
-        if self.xdp_key_slots == 0
-            || self.xdp_shed_window_secs == 0
-            || self.xdp_scan_window_secs == 0
-        {
-            return Err(FlagError {
-                flag: "xdp-key-slots",
-                reason: "--xdp-key-slots and the --xdp-*-window-secs flags must be at least 1"
-                    .into(),
-            });
+        for (flag, value) in [
+            ("xdp-syn-burst", self.xdp_syn_burst),
+            ("xdp-key-slots", u64::from(self.xdp_key_slots)),
+            ("xdp-shed-window-secs", self.xdp_shed_window_secs),
+            ("xdp-scan-window-secs", self.xdp_scan_window_secs),
+        ] {
+            if value == 0 {
+                return Err(FlagError {
+                    flag,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         let xdp = crate::serve::XdpConfig {
             options: crate::xdp::XdpOptions {
@@ -960,7 +977,9 @@ fn offset(raw: &str) -> Result<i64, String> {
 fn remaining(raw: &str) -> Result<u64, String> {
     raw.trim()
         .parse::<u64>()
-        .map_err(|_| "must be a whole number, 0 or more".to_string())
+        .ok()
+        .filter(|n| *n <= u64::from(u32::MAX))
+        .ok_or_else(|| format!("must be a whole number from 0 to {}", u32::MAX))
 }
 
 fn date(raw: &str) -> Result<time::Date, String> {
@@ -998,6 +1017,54 @@ mod tests {
         let config = serve_args(&["--state-dir", "/a", "--state-dir", "/b"]).unwrap();
         assert_eq!(config.state_dir, PathBuf::from("/b"));
         assert_eq!(config.integration_timeout, Duration::from_secs(29));
+    }
+
+    #[test]
+    fn each_bad_serve_flag_is_named_in_its_error() {
+        for (argv, flag) in [
+            (
+                &[
+                    "--admin-access-key-id",
+                    "AK",
+                    "--admin-secret-access-key",
+                    "",
+                ][..],
+                "--admin-secret-access-key",
+            ),
+            (
+                &[
+                    "--admin-access-key-id",
+                    "",
+                    "--admin-secret-access-key",
+                    "s",
+                ][..],
+                "--admin-access-key-id",
+            ),
+            (
+                &["--xdp-iface", "lo", "--xdp-syn-burst", "0"][..],
+                "--xdp-syn-burst",
+            ),
+            (
+                &["--xdp-iface", "lo", "--xdp-syn-rate", "-1"][..],
+                "--xdp-syn-rate",
+            ),
+            (
+                &["--xdp-iface", "lo", "--xdp-key-slots", "0"][..],
+                "--xdp-key-slots",
+            ),
+            (
+                &["--xdp-iface", "lo", "--xdp-shed-window-secs", "0"][..],
+                "--xdp-shed-window-secs",
+            ),
+            (
+                &["--xdp-iface", "lo", "--xdp-scan-window-secs", "0"][..],
+                "--xdp-scan-window-secs",
+            ),
+            (&["--drain-timeout-secs", "-1"][..], "--drain-timeout-secs"),
+        ] {
+            let error = serve_args(argv).err().unwrap_or_default();
+            assert!(error.contains(flag), "{argv:?}: {error}");
+        }
     }
 
     fn parse(argv: &[&str]) -> Result<Command, String> {
@@ -1160,6 +1227,10 @@ mod tests {
             (&["usage", "p", "--from", "2026-02-30"], "--from"),
             (
                 &["usage", "extend", "p", "k", "--remaining", "-1"],
+                "--remaining",
+            ),
+            (
+                &["usage", "extend", "p", "k", "--remaining", "4294967296"],
                 "--remaining",
             ),
             (

@@ -146,7 +146,9 @@ fn first_line(message: &str) -> &str {
 
 fn hint(code: &str, signed: bool) -> &'static str {
     if code == "MissingAuthenticationTokenException" && !signed {
-        "; this admin API wants signed requests: pass --access-key-id and --secret-access-key"
+        "; either this admin API wants signed requests (pass --access-key-id and \
+         --secret-access-key) or --endpoint names the data plane (`serve --listen`) instead of \
+         the admin API (`serve --admin-listen`)"
     } else {
         ""
     }

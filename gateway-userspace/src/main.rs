@@ -1,6 +1,6 @@
 //! The `gateway` binary: parse flags, set up logging, run the chosen command.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
 use clap::Parser;
@@ -15,9 +15,13 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.log).context("--log: invalid log filter")?;
+    let filter = match EnvFilter::try_new(&cli.log) {
+        Ok(filter) => filter,
+        Err(e) => fail(&format!("--log: invalid log filter `{}`: {e}", cli.log), 2),
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
@@ -26,7 +30,10 @@ fn main() -> anyhow::Result<()> {
 
     let (client, command) = match cli.command {
         Command::Serve(args) => {
-            let config = args.into_config()?;
+            let config = match args.into_config() {
+                Ok(config) => config,
+                Err(e) => fail(&e.to_string(), 2),
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

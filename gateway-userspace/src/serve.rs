@@ -328,7 +328,22 @@ async fn load_model(config: &ServeConfig) -> Result<Option<Model>, ServeError> {
                 reason,
             };
             let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+            // A misspelt member would otherwise be dropped without a word and the file would
+            // replace the stored configuration without it (a `throtle` loses the throttle).
+            let mut unknown = Vec::new();
+            let model = serde_ignored::deserialize(
+                &mut serde_json::Deserializer::from_str(&text),
+                |path| unknown.push(path.to_string()),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            if !unknown.is_empty() {
+                return Err(bad(format!(
+                    "unknown member(s) {}: check the spelling (members use AWS's names, e.g. \
+                     restApis, usagePlans, apiKeys, usagePlanKeys)",
+                    unknown.join(", ")
+                )));
+            }
+            model
         }
     };
     Ok(Some(model))

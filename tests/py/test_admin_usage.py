@@ -161,6 +161,17 @@ def test_update_usage_errors(gw, apigw):
         pattern=r"Invalid patch path  '/(remaining|extension)' specified for op 'add'\. "
         r"Must be one of: \[\]",
     )
+    # The counters are 32-bit: a larger remaining quota is refused, not silently cut.
+    expect_error(
+        lambda: apigw.update_usage(
+            usagePlanId=plan_id,
+            keyId=key_id,
+            patchOperations=[{"op": "replace", "path": "/remaining", "value": "4294967296"}],
+        ),
+        400,
+        "BadRequestException",
+        "The remaining quota must be at most 4294967295",
+    )
     outsider = apigw.create_api_key(name=unique("usage-err"))["id"]
     expect_error(
         lambda: apigw.update_usage(

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use gateway::plan::{ApiKey, Method, Model, QuotaPeriod, RestApi, Stage, UsagePlan};
 use gateway_tests::{Gateway, TempDir, Upstream, curl};
 
@@ -228,6 +229,33 @@ fn paths_that_could_climb_and_doubled_keys_are_refused() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{body}");
     let echo: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(echo["path"], "/files/report.v2.json");
+    Ok(())
+}
+
+#[test]
+fn a_misspelt_member_in_the_config_file_stops_the_start() -> anyhow::Result<()> {
+    let upstream = Upstream::start()?;
+    let dir = TempDir::new("model")?;
+    let path = dir.path.join("model.json");
+    let mut json = serde_json::to_value(model(&upstream))?;
+    json["usagePlans"][0]["throtle"] = json["usagePlans"][0]["throttle"].take();
+    std::fs::write(&path, json.to_string())?;
+    let path = path.display().to_string();
+    let error = Gateway::start(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+            &path,
+        ],
+    )
+    .err()
+    .context("a plan without its throttle was served")?;
+    let text = format!("{error:#}");
+    assert!(text.contains("usagePlans.0.throtle"), "{text}");
     Ok(())
 }
 

@@ -655,9 +655,17 @@ pub fn update_usage(ctx: &Ctx, req: &Req, plan_id: &str, key_id: &str) -> Result
     for op in &ops {
         match (op.op.as_str(), op.path.as_str()) {
             ("replace", "/remaining") => {
-                remaining.push(u64::try_from(op.integer()?).map_err(|_| {
+                let value = u64::try_from(op.integer()?).map_err(|_| {
                     ApiError::bad_request("The remaining quota must not be negative")
-                })?);
+                })?;
+                // Period counters are 32-bit: more could not be counted down exactly.
+                if value > u64::from(u32::MAX) {
+                    return Err(ApiError::bad_request(format!(
+                        "The remaining quota must be at most {}",
+                        u32::MAX
+                    )));
+                }
+                remaining.push(value);
             }
             ("replace", _) => return Err(op.invalid(&["/remaining"]).into()),
             _ => return Err(op.invalid(&[]).into()),

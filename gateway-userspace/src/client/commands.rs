@@ -944,10 +944,13 @@ async fn usage_extend(c: &AdminClient, args: UsageExtend) -> Result<Output, Clie
                 })),
         )
         .await?;
+    // What the gateway now counts down from, as it answered (today's `[used, remaining]`).
+    let left = answer["values"][args.key.as_str()][0][1]
+        .as_u64()
+        .unwrap_or(args.remaining);
     let text = format!(
-        "API key {key} has {n} requests left in usage plan {plan} until its quota period ends; the next period starts from the plan's quota again.",
+        "API key {key} has {left} requests left in usage plan {plan} until its quota period ends; the next period starts from the plan's quota again.",
         key = args.key,
-        n = args.remaining,
         plan = args.plan,
     );
     Ok(Output::new(answer, text))
