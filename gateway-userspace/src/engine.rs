@@ -231,6 +231,16 @@ pub enum ForbiddenReason {
     RouteGone,
 }
 
+/// Whether a decision lets quotas refuse requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quotas {
+    /// A key over its quota is refused (429 `LimitExceededException`).
+    Enforce,
+    /// Quotas refuse nothing (the shared store that keeps them is unreachable and the
+    /// operator chose `--store-failure open`); throttles still apply.
+    Waive,
+}
+
 /// The outcome for one request. Being throttled is a decision, not an error.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decision {
@@ -1037,6 +1047,13 @@ impl Engine {
 
     /// Decides one request on `route` carrying `api_key` (the value, if any). Lock-free, no I/O.
     pub fn decide(&self, route: &Route, api_key: Option<&str>) -> Decision {
+        self.decide_with(route, api_key, Quotas::Enforce)
+    }
+
+    /// [`Engine::decide`], with quotas enforced or waived (`--store-failure open` while the
+    /// shared store that keeps them is unreachable). A waived quota refuses nothing, but every
+    /// throttle still applies.
+    pub fn decide_with(&self, route: &Route, api_key: Option<&str>, quotas: Quotas) -> Decision {
         let c = self.current.load();
         let now = self.clock.now();
         let Some((stage_idx, method_idx)) = c.locate(route) else {
@@ -1064,7 +1081,7 @@ impl Engine {
                     plan_id: None,
                     limits: Limits::default(),
                 },
-                Err(r) if self.rewound(&layers, &r) => self.decide(route, api_key),
+                Err(r) if self.rewound(&layers, &r) => self.decide_with(route, api_key, quotas),
                 Err(r) => Decision::Throttled {
                     layer: r.layer,
                     retry_after_ns: r.retry_after_ns,
@@ -1197,14 +1214,21 @@ impl Engine {
         };
         if let Err(r) = layers.peek(now) {
             if self.rewound(&layers, &r) {
-                return self.decide(route, api_key);
+                return self.decide_with(route, api_key, quotas);
             }
             return throttled(r);
         }
         let mut quota_after = None;
+        let mut quota_taken = false;
         if let (Some(q), Some(b)) = (plan.quota, bounds) {
             match cell.quota.try_acquire(b.start_day as u32, q.limit) {
-                Ok(state) => quota_after = Some(quota_status(state, q, b)),
+                Ok(state) => {
+                    quota_taken = true;
+                    quota_after = Some(quota_status(state, q, b));
+                }
+                Err(state) if quotas == Quotas::Waive => {
+                    quota_after = Some(quota_status(state, q, b));
+                }
                 Err(state) => {
                     return Decision::QuotaExceeded {
                         reset_at_ns: b.end_ns(),
@@ -1219,7 +1243,7 @@ impl Engine {
             }
         }
         if let Err(r) = layers.commit(now) {
-            if let Some(b) = bounds {
+            if quota_taken && let Some(b) = bounds {
                 cell.quota.refund(b.start_day as u32);
             }
             return throttled(r);
@@ -1410,9 +1434,12 @@ impl Engine {
         let today = quota::day_of(now);
         let b = quota::period_bounds(i64::from(today), q.period, q.offset);
         let start = b.start_day as u32;
-        let allowance = c.cell(cell).quota.set_remaining(start, remaining);
+        // Stored first: an override the store refused is not in force either.
+        let quota = &c.cell(cell).quota;
+        let allowance = quota.allowance_for(start, remaining);
         self.store
             .set_allowance(plan_id, key_id, start, allowance, today)?;
+        quota.set_allowance(start, allowance);
         Ok(())
     }
 

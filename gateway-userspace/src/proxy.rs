@@ -28,7 +28,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
-    engine::{Decision, Engine, ForbiddenReason, Limits as EngineLimits, Route},
+    engine::{Decision, Engine, ForbiddenReason, Limits as EngineLimits, Quotas, Route},
     fastpath::{Connection, FastPath},
     limit::Layer,
     metrics::{Metrics, RequestLabels},
@@ -320,28 +320,17 @@ impl Proxy {
                 ),
             );
         }
-        let decided = if several_keys && route.api_key_required {
+        let decision = if several_keys && route.api_key_required {
             // Refused rather than picking one: an upstream reading another of them would act
             // on a key nobody checked.
             Decision::Forbidden {
                 reason: ForbiddenReason::InvalidKey,
                 key: None,
             }
+        } else if store.is_some_and(|h| h.waive_quota()) {
+            self.engine.decide_with(&route, api_key, Quotas::Waive)
         } else {
             self.engine.decide(&route, api_key)
-        };
-        let decision = match decided {
-            Decision::QuotaExceeded {
-                key,
-                plan_id,
-                limits,
-                ..
-            } if store.is_some_and(|h| h.waive_quota()) => Decision::Allow {
-                key: Some(key),
-                plan_id: Some(plan_id),
-                limits,
-            },
-            decision => decision,
         };
         if let (Some(fast_path), Some(conn)) = (&self.fast_path, conn) {
             fast_path.observed(conn, &decision);

@@ -246,13 +246,28 @@ impl QuotaCounter {
     /// UpdateUsage: makes `remaining` requests left in the current period. Returns the new
     /// allowance (`used + remaining`, saturating at `u32::MAX`).
     pub fn set_remaining(&self, start_day: u32, remaining: u64) -> u64 {
-        let t = tag(start_day);
-        let (ut, uv) = unpack(self.used.load(Ordering::Acquire));
-        let used = if ut == t { u64::from(uv) } else { 0 };
-        let allowance = used.saturating_add(remaining).min(u64::from(u32::MAX));
-        self.allowance
-            .store(pack(t, allowance as u32), Ordering::Release);
+        let allowance = self.allowance_for(start_day, remaining);
+        self.set_allowance(start_day, allowance);
         allowance
+    }
+
+    /// The allowance that leaves `remaining` requests in the period starting on `start_day`
+    /// (`used + remaining`, saturating at `u32::MAX`), without setting it.
+    pub fn allowance_for(&self, start_day: u32, remaining: u64) -> u64 {
+        let (ut, uv) = unpack(self.used.load(Ordering::Acquire));
+        let used = if ut == tag(start_day) {
+            u64::from(uv)
+        } else {
+            0
+        };
+        used.saturating_add(remaining).min(u64::from(u32::MAX))
+    }
+
+    /// Sets the period's allowance (the limit UpdateUsage put in force for it).
+    pub fn set_allowance(&self, start_day: u32, allowance: u64) {
+        let allowance = allowance.min(u64::from(u32::MAX)) as u32;
+        self.allowance
+            .store(pack(tag(start_day), allowance), Ordering::Release);
     }
 
     /// Restores state loaded from the store (start-up) for the period starting on `start_day`.

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use gateway::clock::{Clock, FakeClock};
-use gateway::engine::{Decision, Engine, ForbiddenReason, Route};
+use gateway::engine::{Decision, Engine, ForbiddenReason, Quotas, Route};
 use gateway::limit::Layer;
 use gateway::plan::{ApiKey, ApiKeySource, Method, Model, QuotaPeriod, RestApi, Stage, UsagePlan};
 use gateway::quota::{NANOS_PER_DAY, days_from_civil};
-use gateway::store::{MemoryStore, UsageStore};
+use gateway::store::{DayRecord, MemoryStore, PeriodCounter, StoreError, UsageDelta, UsageStore};
 use time::macros::date;
 
 const SEC: u64 = 1_000_000_000;
@@ -821,4 +821,77 @@ fn removed_membership_flushes_pending_usage() {
         .history("p1", Some("k1"), 0, u32::MAX)
         .expect("history");
     assert_eq!(h.iter().map(|d| d.used).sum::<u64>(), 1);
+}
+
+/// A memory store whose UpdateUsage writes fail, as a full disk or a lost Redis would.
+struct RefusingOverrides(MemoryStore);
+
+impl UsageStore for RefusingOverrides {
+    fn add(&self, batch: &[UsageDelta]) -> Result<Vec<u64>, StoreError> {
+        self.0.add(batch)
+    }
+
+    fn set_allowance(&self, _: &str, _: &str, _: u32, _: u64, _: u32) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("disk full".into()))
+    }
+
+    fn load_periods(&self) -> Result<Vec<PeriodCounter>, StoreError> {
+        self.0.load_periods()
+    }
+
+    fn history(
+        &self,
+        plan_id: &str,
+        key_id: Option<&str>,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<Vec<DayRecord>, StoreError> {
+        self.0.history(plan_id, key_id, first_day, last_day)
+    }
+}
+
+#[test]
+fn update_usage_the_store_refused_is_not_in_force() {
+    let clock = Arc::new(FakeClock::new(t0()));
+    let store = Arc::new(RefusingOverrides(MemoryStore::new()));
+    let e =
+        Engine::new(model(plan().quota(2, QuotaPeriod::Day)), store, clock).expect("valid model");
+    let r = pets(&e);
+    for _ in 0..2 {
+        assert!(e.decide(&r, Some(&value(1))).is_allowed());
+    }
+    assert!(e.set_remaining("p1", "k1", 100).is_err());
+    assert!(matches!(
+        e.decide(&r, Some(&value(1))),
+        Decision::QuotaExceeded { .. }
+    ));
+}
+
+#[test]
+fn a_waived_quota_still_leaves_every_throttle_in_force() {
+    let (e, clock, _) = setup(model(plan().throttle(1.0, 2).quota(1, QuotaPeriod::Day)));
+    let r = pets(&e);
+    assert!(e.decide(&r, Some(&value(1))).is_allowed());
+    // Over quota: waived, the request is admitted while the bucket has a token...
+    assert!(
+        e.decide_with(&r, Some(&value(1)), Quotas::Waive)
+            .is_allowed()
+    );
+    // ...and throttled once it has none.
+    assert!(matches!(
+        e.decide_with(&r, Some(&value(1)), Quotas::Waive),
+        Decision::Throttled {
+            layer: Layer::Plan,
+            ..
+        }
+    ));
+    clock.advance(SEC);
+    assert!(matches!(
+        e.decide(&r, Some(&value(1))),
+        Decision::QuotaExceeded { .. }
+    ));
+    assert!(
+        e.decide_with(&r, Some(&value(1)), Quotas::Waive)
+            .is_allowed()
+    );
 }
