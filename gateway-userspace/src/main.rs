@@ -14,6 +14,12 @@ use gateway::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: setting a signal's disposition to ignore, before any other thread exists. With a
+    // file-size limit the store's write then fails with EFBIG (and is reported and retried)
+    // instead of the signal killing the gateway.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let filter = match EnvFilter::try_new(&cli.log) {
         Ok(filter) => filter,

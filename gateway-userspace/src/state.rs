@@ -57,7 +57,8 @@ use std::cmp::Ordering;
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -183,8 +184,29 @@ pub enum StateError {
 /// is dropped.
 #[derive(Clone)]
 pub struct StateDb {
-    db: Arc<Database>,
+    db: Arc<Handle>,
     path: Arc<Path>,
+}
+
+/// The open database. redb refuses all further work on a handle that saw an I/O error (a full
+/// disk, say) until it is closed and opened again, so such an error marks the handle `failed`
+/// and the next transaction opens the file afresh: the last committed state, nothing half
+/// written.
+struct Handle {
+    current: Mutex<Option<Arc<Database>>>,
+    failed: AtomicBool,
+}
+
+impl Handle {
+    fn note(&self, e: &redb::Error) {
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            self.failed.store(true, AtomicOrdering::Release);
+        }
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
 }
 
 impl std::fmt::Debug for StateDb {
@@ -216,10 +238,7 @@ impl StateDb {
             reason,
         })?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-        {
+        let db = match open_database(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StateError::InUse { path });
@@ -233,7 +252,10 @@ impl StateDb {
             }
         };
         let state = StateDb {
-            db: Arc::new(db),
+            db: Arc::new(Handle {
+                current: Mutex::new(Some(Arc::new(db))),
+                failed: AtomicBool::new(false),
+            }),
             path: path.into(),
         };
         state.init()?;
@@ -245,11 +267,32 @@ impl StateDb {
         &self.path
     }
 
+    /// The database to run one transaction on; after an I/O error, the file opened again first
+    /// (once no other transaction still holds the old handle).
+    fn database(&self) -> Result<Arc<Database>, redb::Error> {
+        let mut current = self
+            .db
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.db.failed.load(AtomicOrdering::Acquire)
+            && current.as_ref().is_none_or(|db| Arc::strong_count(db) == 1)
+        {
+            // Dropping the last handle closes the file, which a second open needs.
+            *current = None;
+            *current = Some(Arc::new(open_database(&self.path)?));
+            self.db.failed.store(false, AtomicOrdering::Release);
+            tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+        }
+        current.clone().ok_or(redb::Error::PreviousIo)
+    }
+
     /// The stored configuration, or None when nothing was ever saved (fresh state dir).
     /// Collections come back in the order they had in the saved model.
     pub fn load_model(&self) -> Result<Option<Model>, StateError> {
         let txn = self
-            .db
+            .database()
+            .map_err(self.db_err("open"))?
             .begin_read()
             .map_err(self.db_err("begin read transaction"))?;
         let meta = txn
@@ -280,7 +323,8 @@ impl StateDb {
 
     fn save(&self, old: Option<&Model>, new: &Model) -> Result<SaveStats, StateError> {
         let mut txn = self
-            .db
+            .database()
+            .map_err(self.db_err("open"))?
             .begin_write()
             .map_err(self.db_err("begin write transaction"))?;
         txn.set_durability(Durability::Immediate)
@@ -344,7 +388,8 @@ impl StateDb {
     /// existing one.
     fn init(&self) -> Result<(), StateError> {
         let txn = self
-            .db
+            .database()
+            .map_err(self.db_err("open"))?
             .begin_write()
             .map_err(self.db_err("begin write transaction"))?;
         {
@@ -470,10 +515,15 @@ impl StateDb {
 
     fn db_err<E: Into<redb::Error>>(&self, context: &'static str) -> impl FnOnce(E) -> StateError {
         let path = self.path.to_path_buf();
-        move |e| StateError::Database {
-            path,
-            context,
-            reason: Box::new(e.into()),
+        let handle = self.db.clone();
+        move |e| {
+            let reason = e.into();
+            handle.note(&reason);
+            StateError::Database {
+                path,
+                context,
+                reason: Box::new(reason),
+            }
         }
     }
 
@@ -489,7 +539,9 @@ impl StateDb {
     /// A redb error as the usage store reports it: corruption is `Corrupt`, the rest (I/O, a
     /// closed database, …) `Unavailable`, so the engine keeps its deltas and retries.
     fn store_err<E: Into<redb::Error>>(&self, e: E) -> StoreError {
-        match e.into() {
+        let e = e.into();
+        self.db.note(&e);
+        match e {
             redb::Error::Corrupted(m) => {
                 StoreError::Corrupt(format!("{}: {m}", self.path.display()))
             }
@@ -498,7 +550,11 @@ impl StateDb {
     }
 
     fn begin_usage_write(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.store_err(e))?;
+        let mut txn = self
+            .database()
+            .map_err(|e| self.store_err(e))?
+            .begin_write()
+            .map_err(|e| self.store_err(e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.store_err(e))?;
         Ok(txn)
@@ -585,7 +641,11 @@ impl UsageStore for StateDb {
     }
 
     fn load_periods(&self) -> Result<Vec<PeriodCounter>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let txn = self
+            .database()
+            .map_err(|e| self.store_err(e))?
+            .begin_read()
+            .map_err(|e| self.store_err(e))?;
         let periods = txn.open_table(PERIODS).map_err(|e| self.store_err(e))?;
         let mut out = Vec::new();
         for entry in periods.iter().map_err(|e| self.store_err(e))? {
@@ -614,7 +674,11 @@ impl UsageStore for StateDb {
         if first_day > last_day {
             return Ok(out);
         }
-        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let txn = self
+            .database()
+            .map_err(|e| self.store_err(e))?
+            .begin_read()
+            .map_err(|e| self.store_err(e))?;
         let days = txn.open_table(DAYS).map_err(|e| self.store_err(e))?;
         let key_days = |key: &str, out: &mut Vec<DayRecord>| -> Result<(), StoreError> {
             let range = days

@@ -94,6 +94,11 @@ impl Gateway {
         Self::start(None, &args)
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `gateway serve ARGS` (inside network namespace `netns` if given) with its
     /// own state directory, and waits for both `listening` lines.
     pub fn start(netns: Option<&str>, args: &[&str]) -> Result<Self> {

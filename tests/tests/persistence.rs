@@ -7,6 +7,8 @@
 //! - An admin change is live on the data plane within a second of its 2xx answer, and is
 //!   still in force after a restart.
 //! - One state directory serves one gateway: a second one refuses to start, saying why.
+//! - A full disk fails the changes that need room (503, nothing half written) and the store
+//!   works again once there is room, without a restart.
 
 use std::{
     net::SocketAddr,
@@ -645,5 +647,83 @@ fn second_gateway_on_a_state_dir_in_use_refuses_to_start() -> Result<()> {
     let again = start(&dir)?;
     let (status, body) = KeepAlive::new(again.data).get(&api.path(), Some(KEY))?;
     assert_eq!(status, 200, "{body}");
+    Ok(())
+}
+
+/// Sets the soft file-size limit of process `pid` (`prlimit --fsize`): to the file it writes,
+/// a limit reached looks like a full disk.
+fn limit_file_size(pid: u32, bytes: &str) -> Result<()> {
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--fsize={bytes}:unlimited"),
+        ])
+        .status()
+        .context("cannot run prlimit")?;
+    ensure!(status.success(), "prlimit --fsize={bytes} failed: {status}");
+    Ok(())
+}
+
+#[test]
+fn a_full_disk_fails_changes_until_there_is_room_again() -> Result<()> {
+    let state = TempDir::new("full-disk")?;
+    let mut gw = start(&state.path)?;
+    let key = |name: &str, value: &str| json!({"name": name, "enabled": true, "value": value});
+    admin_ok(
+        gw.admin,
+        "POST",
+        "/apikeys",
+        Some(&key("before", "full-disk-key-0000000001")),
+    )?;
+    let size = std::fs::metadata(state.path.join("gateway.redb"))?.len();
+    limit_file_size(gw.pid(), &size.to_string())?;
+
+    // 20,000 keys need room the file may not take: refused, and none of them exists.
+    let csv: String = std::iter::once("Name,Key\n".to_owned())
+        .chain((0..20_000).map(|i| format!("bulk-{i},bulk-import-key-{i:012}\n")))
+        .collect();
+    let csv_path = state.path.join("keys.csv");
+    std::fs::write(&csv_path, csv)?;
+    let url = format!("http://{}/apikeys?mode=import&format=csv", gw.admin);
+    let (status, body) = gateway_tests::curl(
+        None,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: text/csv",
+            "--data-binary",
+            &format!("@{}", csv_path.display()),
+            &url,
+        ],
+    )?;
+    ensure!(
+        status == 503,
+        "import on a full disk answered {status}: {body}"
+    );
+
+    // Room again: the next change is stored, without a restart.
+    limit_file_size(gw.pid(), "unlimited")?;
+    admin_ok(
+        gw.admin,
+        "POST",
+        "/apikeys",
+        Some(&key("after", "full-disk-key-0000000002")),
+    )?;
+    stop(&mut gw)?;
+    let gw = start(&state.path)?;
+    let keys = admin_ok(gw.admin, "GET", "/apikeys?limit=500", None)?;
+    let mut names: Vec<&str> = keys["item"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|k| k["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    ensure!(
+        names == ["after", "before"],
+        "keys after the restart: {names:?}"
+    );
     Ok(())
 }
