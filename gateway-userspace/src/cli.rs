@@ -194,7 +194,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30, allow_negative_numbers = true)]
     pub drain_timeout_secs: u64,
-    /// Milliseconds to wait for an upstream response before answering 504 (AWS: 29000).
+    /// Milliseconds the --upstream API waits for its upstream before answering 504, 1 to
+    /// 29000 (AWS's maximum). APIs made through the admin API have their own
+    /// `timeoutInMillis` per integration.
     #[arg(long, default_value_t = 29_000)]
     pub integration_timeout_ms: u64,
     /// Seconds a client may take to send a request head, and an idle keep-alive

@@ -147,7 +147,7 @@ pub fn main(root: &Path, args: Args) -> Result<()> {
             "xtask",
         ]))
         .context("building the release xtask failed")?;
-        let exe = root.join("target/release/xtask");
+        let exe = crate::target_dir(root).join("release/xtask");
         let error = Command::new(&exe).args(std::env::args_os().skip(1)).exec();
         return Err(error).with_context(|| format!("cannot run {}", exe.display()));
     }

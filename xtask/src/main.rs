@@ -315,7 +315,14 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     }
     run(&mut cargo).context("building the gateway failed")?;
     let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("gateway"))
+    Ok(target_dir(root).join(profile).join("gateway"))
+}
+
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set, else `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 /// A stable `cargo` with the XDP object named for the gateway's build script.
