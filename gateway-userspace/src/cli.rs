@@ -543,6 +543,7 @@ pub enum ApiAction {
     /// Delete a REST API (refused while a usage plan includes one of its stages).
     Delete {
         /// REST API id.
+        #[arg(value_parser = non_empty)]
         id: String,
     },
     /// Deploy a REST API to a stage, creating the stage if it does not exist.
@@ -589,6 +590,7 @@ pub struct DataUrl {
 #[derive(Debug, Args)]
 pub struct ApiDeploy {
     /// REST API id.
+    #[arg(value_parser = non_empty)]
     pub id: String,
     /// Stage to deploy to.
     #[arg(long, value_parser = stage_name)]
@@ -623,6 +625,7 @@ pub enum PlanAction {
     /// Show a usage plan and its keys. With --json: the plan plus a `keys` member.
     Show {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         id: String,
     },
     /// Change a usage plan's name, description, throttle or quota.
@@ -630,6 +633,7 @@ pub enum PlanAction {
     /// Let the plan's keys call an API stage.
     AddStage {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         plan: String,
         /// API_ID:STAGE, e.g. a1b2c3d4e5:prod.
         #[arg(value_parser = api_stage)]
@@ -638,6 +642,7 @@ pub enum PlanAction {
     /// Stop the plan's keys calling an API stage.
     RemoveStage {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         plan: String,
         /// API_ID:STAGE, e.g. a1b2c3d4e5:prod.
         #[arg(value_parser = api_stage)]
@@ -646,20 +651,25 @@ pub enum PlanAction {
     /// Put an API key in a usage plan: its requests then count against the plan's limits.
     AddKey {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         plan: String,
         /// API key id (`gateway key list`).
+        #[arg(value_parser = non_empty)]
         key: String,
     },
     /// Take an API key out of a usage plan.
     RemoveKey {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         plan: String,
         /// API key id.
+        #[arg(value_parser = non_empty)]
         key: String,
     },
     /// Delete a usage plan (refused while it includes API stages, unless --force).
     Delete {
         /// Usage plan id.
+        #[arg(value_parser = non_empty)]
         id: String,
         /// Remove the plan's API stages first, then delete it.
         #[arg(long)]
@@ -736,6 +746,7 @@ pub struct PlanCreate {
 #[command(group = clap::ArgGroup::new("change").required(true).multiple(true))]
 pub struct PlanSet {
     /// Usage plan id.
+    #[arg(value_parser = non_empty)]
     pub id: String,
     /// New name.
     #[arg(long, group = "change", value_parser = non_empty)]
@@ -794,6 +805,7 @@ pub enum KeyAction {
     /// Show an API key and the usage plans it belongs to.
     Show {
         /// API key id.
+        #[arg(value_parser = non_empty)]
         id: String,
         /// Include the key value (a secret).
         #[arg(long)]
@@ -802,16 +814,19 @@ pub enum KeyAction {
     /// Let an API key call again.
     Enable {
         /// API key id.
+        #[arg(value_parser = non_empty)]
         id: String,
     },
     /// Refuse an API key's requests (403) until it is enabled again.
     Disable {
         /// API key id.
+        #[arg(value_parser = non_empty)]
         id: String,
     },
     /// Delete an API key; it leaves every usage plan.
     Delete {
         /// API key id.
+        #[arg(value_parser = non_empty)]
         id: String,
     },
 }
@@ -849,7 +864,7 @@ pub struct UsageArgs {
     #[command(subcommand)]
     pub action: Option<UsageAction>,
     /// Usage plan id.
-    #[arg(required = true)]
+    #[arg(required = true, value_parser = non_empty)]
     pub plan: Option<String>,
     /// Only this API key id.
     #[arg(long, value_name = "KEY_ID")]
@@ -872,8 +887,10 @@ pub enum UsageAction {
 #[derive(Debug, Args)]
 pub struct UsageExtend {
     /// Usage plan id.
+    #[arg(value_parser = non_empty)]
     pub plan: String,
     /// API key id.
+    #[arg(value_parser = non_empty)]
     pub key: String,
     /// Requests left for the rest of the current period.
     #[arg(long, value_name = "REQUESTS", allow_negative_numbers = true, value_parser = remaining)]
@@ -1235,6 +1252,9 @@ mod tests {
                 &["usage", "extend", "p", "k", "--remaining", "4294967296"],
                 "--remaining",
             ),
+            (&["key", "show", ""], "<ID>"),
+            (&["plan", "add-key", "p", ""], "<KEY>"),
+            (&["usage", ""], "<PLAN>"),
             (
                 &["api", "create", "--name", "x", "--upstream", "ftp://h"],
                 "--upstream",

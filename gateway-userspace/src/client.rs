@@ -109,7 +109,10 @@ pub enum ClientError {
         signed: bool,
     },
     /// No answer: the connection failed, broke, or the request timed out.
-    #[error("cannot reach the admin API at {endpoint}: {reason}")]
+    #[error(
+        "cannot reach the admin API at {endpoint}: {reason}; is `gateway serve` running, and \
+         is this its --admin-listen address? (set it with --endpoint or GATEWAY_ADMIN_URL)"
+    )]
     Unreachable {
         /// The endpoint as given.
         endpoint: String,

@@ -1247,3 +1247,14 @@ impl Drop for RedisCluster {
         // `dir` is removed after this, once no server writes to it.
     }
 }
+
+impl Gateway {
+    /// Sends `signal` to the gateway (SIGSTOP freezes it, as a stalled or partitioned node;
+    /// SIGCONT resumes it).
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid fits pid_t")?;
+        // SAFETY: signalling our own, not yet reaped, child by its pid.
+        unsafe { libc::kill(pid, signal) };
+        Ok(())
+    }
+}

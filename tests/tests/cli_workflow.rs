@@ -359,6 +359,7 @@ fn an_unreachable_admin_api_is_one_line_and_fast() -> Result<()> {
         )),
         "{line}"
     );
+    assert!(line.contains("--endpoint or GATEWAY_ADMIN_URL"), "{line}");
     assert!(run.took < Duration::from_secs(5), "took {:?}", run.took);
     Ok(())
 }

@@ -12,6 +12,12 @@
 //!   (each node enforces its share, `rate / live nodes`).
 //! - On a real three-master Redis Cluster (`--store redis+cluster://…`), two nodes share keys,
 //!   a quota and GetUsage the same way.
+//! - Redis losing its data (a restart without persistence): the configuration is seeded again
+//!   once, a node that was frozen meanwhile loads the fleet's newer configuration instead of
+//!   writing its old one back, and GetUsage counts again.
+//! - Connections Redis closed (idle `timeout`, a restart) are retried once, so neither keyed
+//!   requests in `closed` mode nor admin calls fail; a password change is logged with its
+//!   reason; usage left unsent at shutdown is logged; the usage data in Redis stays bounded.
 
 use std::{
     net::SocketAddr,
@@ -20,7 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use gateway_tests::{
-    Gateway, KeepAlive, RedisCluster, RedisServer, Upstream, admin_ok, create_plan,
+    Gateway, KeepAlive, RedisCluster, RedisServer, Upstream, admin, admin_ok, create_plan,
     create_plan_key, create_proxy_api, curl, metric, utc_today,
 };
 
