@@ -9,13 +9,17 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `gateway:{cfg}:version` | string | configuration version, +1 per save (0 = never saved) |
+//! | `gateway:{cfg}:version` | string | configuration version, +1 per save (missing = empty store) |
+//! | `gateway:{cfg}:epoch` | string | random id set when the store is seeded; versions count within it |
+//! | `gateway:{cfg}:seed` | string | `<version> <origin epoch> <origin version>` of the last seed |
+//! | `gateway:{cfg}:saved` | string | `<save id> <version>` of the last save, to answer a resent save |
 //! | `gateway:{cfg}:meta` | string | JSON of the model with its four collections empty |
 //! | `gateway:{cfg}:<collection>` | hash | id → JSON of the entry (`usage_plan_keys`: `plan␟key`) |
 //! | `gateway:{cfg}:<collection>:seq` | hash | id → order of the entry in the model |
 //! | `gateway:{cfg}:changes` | channel | the new version, published by every save |
 //! | `gateway:u:{plan␟key}:p` | hash | period counter: `s` start day, `u` used, `a` allowance |
-//! | `gateway:u:{plan␟key}:d` | hash | day records: `u<day>` used, `a<day>` allowance set that day |
+//! | `gateway:u:{plan␟key}:d` | hash | day records: `u<day>` used, `a<day>` allowance set that day; `c` first day kept |
+//! | `gateway:u:{plan␟key}:b<day>` | hash | `<period start>:<node>` → last batch id applied that day |
 //! | `gateway:u:plans` | set | plan ids with usage |
 //! | `gateway:u:{plan}:keys` | set | key ids with usage in the plan |
 //! | `gateway:nodes` | sorted set | node id → Unix ms of its last heartbeat (Redis's clock) |
@@ -29,8 +33,13 @@
 //!
 //! Lifetimes: a period counter expires 32 days after its period's first day (the longest
 //! period, a month, plus a day) plus one day of grace — or one day after its last write when
-//! that is later; day records expire [`HISTORY_DAYS`] days after their key's last write, so
-//! GetUsage answers for at least the last year of an active key.
+//! that is later; day records expire [`HISTORY_DAYS`] days after their key's last write, and
+//! each write drops the records of days more than [`HISTORY_DAYS`] before the day it writes,
+//! so GetUsage answers for at least the last year of an active key and a days hash holds at
+//! most about 400 days. A day's batch marks expire [`MARKS_TTL`] after that day's last write.
+//! An index entry goes when its key leaves the plan (or the plan is deleted) through this
+//! module's save; entries of keys idle past their records' expiry stay (a read of an empty
+//! hash each, bounded by the memberships ever made).
 //!
 //! # Configuration
 //!
@@ -43,6 +52,17 @@
 //! version means no save ran in between). Order of entries: rows added at the end get
 //! increasing sequence numbers; any other reordering rewrites the collection.
 //!
+//! Data loss (a Redis restarted without persistence, a flush): version numbers would restart
+//! from 1 and could equal or undercut the ones nodes remember, so every node also remembers
+//! the store's epoch, a random id set by the script that seeds an empty store. A node that
+//! finds the version key missing seeds the store with the configuration it serves (one seed
+//! wins: the script writes only into an empty store); a node that finds another epoch loads
+//! the store's configuration, and only replaces a seed made from an older version of its own
+//! origin while nothing was saved after that seed. So the newest configuration among the nodes
+//! that notice first wins, and no change acknowledged after the seed is ever reverted. A
+//! change acknowledged in the last instant before the loss, by a node that is not among the
+//! first to notice, is lost with the store.
+//!
 //! # Usage
 //!
 //! [`UsageStore::add`] first merges the batch into an outbox keyed by (plan, key, day, period)
@@ -53,9 +73,12 @@
 //! (about 100 bytes each); increments of new entries beyond that are dropped and counted in
 //! `gateway_store_dropped_requests_total`. Each send is a numbered batch; a batch whose answer
 //! was lost (a timeout, a cut connection) stays in flight and is resent unchanged under the same
-//! number before anything else, and Redis recognises a resend (the days hash remembers the last
-//! batch applied per day, period and node), so an outage neither loses nor double-counts
-//! usage. At most one batch is in flight besides the outbox.
+//! number before anything else, and Redis recognises a resend (the day's marks hash remembers
+//! the last batch applied per period and node), so an outage neither loses nor double-counts
+//! usage. At most one batch is in flight besides the outbox. A process remembers which pairs
+//! it has put in the usage index; when an increment finds a pair's day records gone (the store
+//! lost its data) it indexes the pair again at once. Usage still unconfirmed when the gateway
+//! stops (the store was down at the last flush) is logged as an error with its request count.
 //!
 //! # Throttles
 //!
@@ -69,11 +92,17 @@
 //! Redis is unreachable the last count stays.
 //!
 //! Every Redis call is bounded by [`FleetOptions::timeout`] (connect, read and write), so no
-//! flush, admin call or start-up waits longer on a dead or hung Redis.
+//! flush, admin call or start-up waits longer on a dead or hung Redis. A call on a kept
+//! connection that the server has closed (its idle `timeout`, a restart) runs once more on a
+//! new connection; a timeout is not retried. Whether the store is up (what `closed` and
+//! `open` act on) is decided by the heartbeat alone, once a second; failures of other calls
+//! are counted in `gateway_store_failures_total` but do not flip it. The reason is logged at
+//! warn when the store goes down and again when the reason changes (a refused password after
+//! a dropped connection), not once per call.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,12 +124,18 @@ use crate::store::{DayRecord, PeriodCounter, StoreError, UsageDelta, UsageStore}
 pub const HISTORY_DAYS: u64 = 400;
 
 const DAY_SECS: u64 = 86_400;
+/// A day's batch marks outlive the day's last write by this long: a batch is resent within
+/// this time of its first send, or counted again.
+pub const MARKS_TTL: Duration = Duration::from_secs(2 * DAY_SECS);
 /// A period counter outlives its first day by this many days (the longest period plus one).
 const PERIOD_LIFE_DAYS: u64 = 32;
 /// Separator inside composite ids (U+001F, never part of an id the admin API issues).
 const SEP: char = '\u{1f}';
 
 const VERSION: &str = "gateway:{cfg}:version";
+const EPOCH: &str = "gateway:{cfg}:epoch";
+const SEED: &str = "gateway:{cfg}:seed";
+const SAVED: &str = "gateway:{cfg}:saved";
 const META: &str = "gateway:{cfg}:meta";
 const CHANNEL: &str = "gateway:{cfg}:changes";
 const PLANS: &str = "gateway:u:plans";
@@ -219,6 +254,12 @@ pub struct Health {
     version: AtomicU64,
     reloads: AtomicU64,
     nodes: AtomicU64,
+    /// Set while the heartbeat runs: then it alone decides whether the store is up, and a call
+    /// that fails elsewhere (a flush, an admin call) is counted but does not mark it down.
+    heartbeat: AtomicBool,
+    /// Kind of the failure last logged while down (see [`failure_kind`]; 0 while up), so that
+    /// a change of reason (the connection dropped, then the password is refused) is logged.
+    reason: AtomicU8,
 }
 
 impl Health {
@@ -233,6 +274,8 @@ impl Health {
             version: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             nodes: AtomicU64::new(1),
+            heartbeat: AtomicBool::new(false),
+            reason: AtomicU8::new(0),
         }
     }
 
@@ -241,7 +284,8 @@ impl Health {
         self.mode
     }
 
-    /// Whether the last Redis call succeeded.
+    /// Whether the store answers: the last heartbeat succeeded (before the heartbeat starts:
+    /// the last call).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
@@ -272,6 +316,7 @@ impl Health {
     }
 
     fn succeeded(&self, store: &str) {
+        self.reason.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::AcqRel) {
             tracing::info!(
                 store,
@@ -280,17 +325,55 @@ impl Health {
         }
     }
 
-    fn failed(&self, store: &str, error: &RedisError) {
+    /// Counts a failed call; `decides` marks the store down, logging the reason once per state
+    /// change (and again when the reason changes while down), never once per call.
+    fn failed(&self, store: &str, error: &RedisError, decides: bool) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        if self.up.swap(false, Ordering::AcqRel) {
+        if !decides {
+            tracing::debug!(store, %error, "store call failed");
+            return;
+        }
+        let (kind, reason) = failure_kind(error);
+        let was_up = self.up.swap(false, Ordering::AcqRel);
+        let before = self.reason.swap(kind, Ordering::Relaxed);
+        if was_up {
             tracing::warn!(
                 store,
                 %error,
+                reason,
                 mode = %self.mode,
                 "store unreachable; serving the last configuration and local counters"
             );
+        } else if before != kind {
+            tracing::warn!(store, %error, reason, "store still unreachable, for another reason");
+        } else {
+            tracing::debug!(store, %error, "store still unreachable");
         }
     }
+}
+
+/// A failure's kind (never 0) and its name for the logs.
+fn failure_kind(e: &RedisError) -> (u8, &'static str) {
+    if is_auth_failure(e) {
+        (1, "authentication refused (check the password in --store)")
+    } else if e.is_timeout() {
+        (2, "no answer within --store-timeout-ms")
+    } else if e.is_connection_refusal() {
+        (3, "connection refused")
+    } else if e.is_connection_dropped() {
+        (4, "connection closed")
+    } else if e.is_io_error() {
+        (5, "I/O error")
+    } else {
+        (6, "the store refused the call")
+    }
+}
+
+/// NOAUTH (a password is needed), WRONGPASS and NOPERM: no call can succeed until the
+/// configuration is fixed.
+fn is_auth_failure(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
 }
 
 /// The store's metrics for the Prometheus exposition (`gateway_store_*`, `gateway_config_*`).
@@ -484,6 +567,8 @@ struct Link {
     timeout: Duration,
     health: Arc<Health>,
     conn: Mutex<Option<Conn>>,
+    /// The heartbeat's link: its calls decide whether the store is up.
+    sentinel: bool,
 }
 
 impl Link {
@@ -493,7 +578,13 @@ impl Link {
             timeout,
             health,
             conn: Mutex::new(None),
+            sentinel: false,
         }
+    }
+
+    fn sentinel(mut self) -> Link {
+        self.sentinel = true;
+        self
     }
 
     fn connect(&self) -> RedisResult<Conn> {
@@ -504,24 +595,56 @@ impl Link {
     }
 
     /// Runs `f` on the connection, connecting first when needed. Any error drops the connection
-    /// (after a timeout its replies are out of step); I/O errors mark the store down.
-    fn run<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
+    /// (after a timeout its replies are out of step). When a connection kept from an earlier
+    /// call turns out closed (Redis's idle `timeout`, a restart), `f` runs once more on a new
+    /// one: the server closed it between calls, so the call did not run (and every call of
+    /// this module may run twice anyway: reads, idempotent writes, batches and saves that
+    /// recognise their own resend). A timeout is not retried: the call may still be running.
+    ///
+    /// Every failure is counted; it marks the store down only on the heartbeat's link, or,
+    /// before the heartbeat runs, when it is an outage (a dead or unreachable Redis).
+    fn run<T>(&self, mut f: impl FnMut(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
         let mut slot = lock(&self.conn);
-        let result = match &mut *slot {
+        let reused = slot.is_some();
+        let mut result = self.attempt(&mut slot, &mut f);
+        if let Err(e) = &result
+            && reused
+            && is_closed(e)
+        {
+            tracing::debug!(
+                store = %self.endpoint.shown,
+                error = %e,
+                "connection closed by the store; calling again on a new one"
+            );
+            result = self.attempt(&mut slot, &mut f);
+        }
+        let decides = self.sentinel || !self.health.heartbeat.load(Ordering::Relaxed);
+        match &result {
+            Ok(_) if decides => self.health.succeeded(&self.endpoint.shown),
+            Ok(_) => {}
+            Err(e) => self.health.failed(
+                &self.endpoint.shown,
+                e,
+                decides && (self.sentinel || is_outage(e)),
+            ),
+        }
+        result
+    }
+
+    fn attempt<T>(
+        &self,
+        slot: &mut Option<Conn>,
+        f: &mut impl FnMut(&mut Conn) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let result = match slot {
             Some(conn) => f(conn),
             None => match self.connect() {
                 Ok(conn) => f(slot.insert(conn)),
                 Err(e) => Err(e),
             },
         };
-        match &result {
-            Ok(_) => self.health.succeeded(&self.endpoint.shown),
-            Err(e) => {
-                *slot = None;
-                if is_outage(e) {
-                    self.health.failed(&self.endpoint.shown, e);
-                }
-            }
+        if result.is_err() {
+            *slot = None;
         }
         result
     }
@@ -533,6 +656,12 @@ fn is_outage(e: &RedisError) -> bool {
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()
+        || is_auth_failure(e)
+}
+
+/// The connection was closed by the other end (not: it timed out, or was never made).
+fn is_closed(e: &RedisError) -> bool {
+    e.is_connection_dropped() && !e.is_timeout() && !e.is_connection_refusal()
 }
 
 /// One script call or plain command of a batch.
@@ -650,42 +779,80 @@ fn now_secs() -> u64 {
 // Scripts
 // ---------------------------------------------------------------------------------------------
 
-/// KEYS: period hash, days hash. ARGV: day, period start, count, period expiry (Unix s), day
-/// records' TTL (s), node id, batch id. Returns the period total after the increment (the count
-/// alone for a delta of an older period), as the reference store does.
+/// Lua shared by the usage scripts: `trim(days, keep)` drops the `u<day>` and `a<day>` fields
+/// of days before `keep` from a days hash. The hash's `c` field is the first day kept so far,
+/// so a write usually deletes nothing or one day's fields; a hash without it (new, or written
+/// by an older gateway, which kept batch marks in it) and a jump of more than 64 days are
+/// trimmed by one pass over its fields instead (at most the history's 800 or so).
+const TRIM_LUA: &str = r"
+local function sweep(days, keep)
+  for _, f in ipairs(redis.call('HKEYS', days)) do
+    local kind, day = string.sub(f, 1, 1), tonumber(string.sub(f, 2))
+    if kind == 'b' or ((kind == 'u' or kind == 'a') and day and day < keep) then
+      redis.call('HDEL', days, f)
+    end
+  end
+end
+local function trim(days, keep)
+  local c = redis.call('HGET', days, 'c')
+  if not c then
+    if redis.call('EXISTS', days) == 1 then sweep(days, keep) end
+  else
+    c = tonumber(c)
+    if c >= keep then return end
+    if keep - c > 64 then
+      sweep(days, keep)
+    else
+      for d = c, keep - 1 do redis.call('HDEL', days, 'u' .. d, 'a' .. d) end
+    end
+  end
+  redis.call('HSET', days, 'c', keep)
+end
+";
+
+/// KEYS: period hash, days hash, batch marks of the day. ARGV: day, period start, count, period
+/// expiry (Unix s), day records' TTL (s), node id, batch id, marks' TTL (s), first day of
+/// history kept. Returns {period total after the increment (the count alone for a delta of an
+/// older period, as the reference store does), 1 if the days hash was created by this call}.
 ///
-/// Exactly once: the days hash remembers, per (day, period, node), the last batch id applied.
+/// Exactly once: the day's marks hash remembers, per (period, node), the last batch id applied.
 /// A batch whose answer was lost (a timeout) is resent unchanged under the same id, and the
-/// resend is recognised and not counted again. Batch ids of a node only grow.
+/// resend is recognised and not counted again. Batch ids of a node only grow. The marks expire
+/// [`MARKS_TTL`] after their day's last write, so they are bounded by one or two days of nodes.
 const ADD_LUA: &str = r"
 local ps = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local mark = 'b' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[6]
-local seen = tonumber(redis.call('HGET', KEYS[2], mark) or '0')
+local mark = ARGV[2] .. ':' .. ARGV[6]
+local seen = tonumber(redis.call('HGET', KEYS[3], mark) or '0')
 if seen >= tonumber(ARGV[7]) then
   local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
   if start == ps then
-    return tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+    return {tonumber(redis.call('HGET', KEYS[1], 'u') or '0'), 0}
   end
-  return n
+  return {n, 0}
 end
-redis.call('HSET', KEYS[2], mark, ARGV[7])
+redis.call('HSET', KEYS[3], mark, ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
+local created = 0
+if redis.call('EXISTS', KEYS[2]) == 0 then created = 1 end
+trim(KEYS[2], tonumber(ARGV[9]))
 redis.call('HINCRBY', KEYS[2], 'u' .. ARGV[1], n)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 if start == ps then
   local t = redis.call('HINCRBY', KEYS[1], 'u', n)
   redis.call('EXPIREAT', KEYS[1], ARGV[4])
-  return t
+  return {t, created}
 elseif start < ps then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 's', ARGV[2], 'u', ARGV[3])
   redis.call('EXPIREAT', KEYS[1], ARGV[4])
 end
-return n
+return {n, created}
 ";
 
-/// KEYS: period hash, days hash. ARGV: period start, allowance, day, period expiry, days TTL.
+/// KEYS: period hash, days hash. ARGV: period start, allowance, day, period expiry, days TTL,
+/// first day of history kept.
 const ALLOWANCE_LUA: &str = r"
 local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 if start ~= tonumber(ARGV[1]) then
@@ -694,38 +861,88 @@ if start ~= tonumber(ARGV[1]) then
 end
 redis.call('HSET', KEYS[1], 'a', ARGV[2])
 redis.call('EXPIREAT', KEYS[1], ARGV[4])
+trim(KEYS[2], tonumber(ARGV[6]))
 redis.call('HSET', KEYS[2], 'a' .. ARGV[3], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 ";
 
-/// KEYS: version, meta, then rows and seq hash of each of the four collections. ARGV: expected
-/// version, meta JSON (empty: unchanged), then per collection: clear flag, delete count, ids,
-/// put count, (id, JSON, seq or empty) triples; last the channel. Returns {1, new version} or
-/// {0, stored version} on a conflict.
+/// Lua shared by the configuration scripts. Their KEYS: version, epoch, seed, saved, meta, then
+/// rows and seq hash of each of the four collections. `write_rows(i)` applies the rows part
+/// of ARGV from index `i` (per collection: clear flag, delete count, ids, put count, (id,
+/// JSON, seq or empty) triples) and returns the index after it; `own(e)` answers a call whose
+/// save id (ARGV[3]) is the last save's: a save resent after its answer was lost.
+const CONFIG_LUA: &str = r"
+local function write_rows(i)
+  for c = 0, 3 do
+    local rows, seqs = KEYS[6 + 2 * c], KEYS[7 + 2 * c]
+    if ARGV[i] == '1' then redis.call('DEL', rows, seqs) end
+    i = i + 1
+    local nd = tonumber(ARGV[i]); i = i + 1
+    for _ = 1, nd do
+      redis.call('HDEL', rows, ARGV[i]); redis.call('HDEL', seqs, ARGV[i]); i = i + 1
+    end
+    local np = tonumber(ARGV[i]); i = i + 1
+    for _ = 1, np do
+      redis.call('HSET', rows, ARGV[i], ARGV[i + 1])
+      if ARGV[i + 2] ~= '' then redis.call('HSET', seqs, ARGV[i], ARGV[i + 2]) end
+      i = i + 3
+    end
+  end
+  return i
+end
+local function own(e)
+  local id, sv = string.match(redis.call('GET', KEYS[4]) or '', '^(%S+) (%d+)$')
+  if id == ARGV[3] then return {1, tonumber(sv), e} end
+  return nil
+end
+local function commit(i, e)
+  local nv = redis.call('INCR', KEYS[1])
+  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. nv)
+  redis.call('PUBLISH', ARGV[i], nv)
+  return {1, nv, e}
+end
+";
+
+/// A save. ARGV: expected version, expected epoch (empty: none), save id, epoch to set if the
+/// store has none, meta JSON (empty: unchanged), the rows, last the channel. Returns {1, new
+/// version, epoch}, or {0, stored version, stored epoch} when the store is not at the expected
+/// version of the expected epoch (another node saved, or the store was seeded again).
 const SAVE_LUA: &str = r"
 local v = tonumber(redis.call('GET', KEYS[1]) or '0')
-if v ~= tonumber(ARGV[1]) then return {0, v} end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
-local i = 3
-for c = 0, 3 do
-  local rows, seqs = KEYS[3 + 2 * c], KEYS[4 + 2 * c]
-  if ARGV[i] == '1' then redis.call('DEL', rows, seqs) end
-  i = i + 1
-  local nd = tonumber(ARGV[i]); i = i + 1
-  for _ = 1, nd do
-    redis.call('HDEL', rows, ARGV[i]); redis.call('HDEL', seqs, ARGV[i]); i = i + 1
-  end
-  local np = tonumber(ARGV[i]); i = i + 1
-  for _ = 1, np do
-    redis.call('HSET', rows, ARGV[i], ARGV[i + 1])
-    if ARGV[i + 2] ~= '' then redis.call('HSET', seqs, ARGV[i], ARGV[i + 2]) end
-    i = i + 3
-  end
+local e = redis.call('GET', KEYS[2]) or ''
+if v ~= tonumber(ARGV[1]) or e ~= ARGV[2] then
+  return own(e) or {0, v, e}
 end
-local nv = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[i], nv)
-return {1, nv}
+if e == '' then e = ARGV[4]; redis.call('SET', KEYS[2], e) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
+return commit(write_rows(6), e)
+";
+
+/// A seed: the whole configuration, written into an empty store under a new epoch. ARGV: origin
+/// version and epoch (the configuration's version and epoch before the store lost it; 0 and
+/// empty for none), save id, new epoch, meta JSON, the rows (each collection cleared), the
+/// channel. A store already seeded is replaced only while no save followed its seed and the
+/// seed came from an older version of this one's origin epoch: so of the nodes that find the
+/// store empty at once, the one with the newest configuration wins, and nothing saved after a
+/// seed is ever overwritten. The `seed` key holds `<version> <origin epoch> <origin version>`.
+/// Returns as [`SAVE_LUA`].
+const SEED_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+local e = redis.call('GET', KEYS[2]) or ''
+if v then
+  local at, from, fromv = string.match(redis.call('GET', KEYS[3]) or '', '^(%d+) (%S*) (%d+)$')
+  local newer = at and tonumber(at) == tonumber(v) and ARGV[2] ~= '' and from == ARGV[2]
+    and tonumber(fromv) < tonumber(ARGV[1])
+  if not newer then return own(e) or {0, tonumber(v), e} end
+else
+  e = ARGV[4]
+  redis.call('SET', KEYS[2], e)
+end
+redis.call('SET', KEYS[5], ARGV[5])
+local i = write_rows(6)
+redis.call('SET', KEYS[3], (tonumber(v or '0') + 1) .. ' ' .. ARGV[2] .. ' ' .. ARGV[1])
+return commit(i, e)
 ";
 
 /// KEYS: the node set. ARGV: node id, live window (ms). Records the node's heartbeat at
@@ -746,7 +963,20 @@ struct Scripts {
     add: Script,
     allowance: Script,
     save: Script,
+    seed: Script,
     heartbeat: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            add: Script::new(&format!("{TRIM_LUA}{ADD_LUA}")),
+            allowance: Script::new(&format!("{TRIM_LUA}{ALLOWANCE_LUA}")),
+            save: Script::new(&format!("{CONFIG_LUA}{SAVE_LUA}")),
+            seed: Script::new(&format!("{CONFIG_LUA}{SEED_LUA}")),
+            heartbeat: Script::new(HEARTBEAT_LUA),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -763,6 +993,16 @@ fn period_key(plan: &str, key: &str) -> String {
 
 fn days_key(plan: &str, key: &str) -> String {
     format!("gateway:u:{{{}}}:d", pair_tag(plan, key))
+}
+
+/// Batch marks of a (plan, key) for one day.
+fn marks_key(plan: &str, key: &str, day: u32) -> String {
+    format!("gateway:u:{{{}}}:b{day}", pair_tag(plan, key))
+}
+
+/// First day of history a write on `day` keeps (may be negative in tests near day 0).
+fn history_keep(day: u32) -> i64 {
+    i64::from(day) - HISTORY_DAYS as i64
 }
 
 fn plan_keys_key(plan: &str) -> String {
@@ -803,8 +1043,24 @@ pub struct FleetStore {
     next_batch: AtomicU64,
     /// (plan, key) pairs this process has put in the usage index.
     indexed: Mutex<HashSet<(String, String)>>,
-    /// Configuration version of the model the engine runs (0: nothing stored).
-    known: Mutex<u64>,
+    /// Epoch and version of the configuration the engine runs (version 0: nothing stored).
+    known: Mutex<Known>,
+}
+
+/// Which stored configuration a node runs: the store's epoch (a random id set when the store
+/// is seeded, so that numbering restarting after a data loss is not mistaken for the old
+/// one) and the version within it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Known {
+    epoch: Option<String>,
+    version: u64,
+}
+
+/// The outcome of a configuration script: written (the new epoch and version), or refused
+/// (what the store holds).
+enum Outcome {
+    Written(Known),
+    Refused(Known),
 }
 
 impl std::fmt::Debug for FleetStore {
@@ -824,22 +1080,17 @@ impl FleetStore {
         let store = FleetStore {
             usage: Link::new(endpoint.clone(), options.timeout, health.clone()),
             config: Link::new(endpoint.clone(), options.timeout, health.clone()),
-            presence: Link::new(endpoint.clone(), options.timeout, health.clone()),
+            presence: Link::new(endpoint.clone(), options.timeout, health.clone()).sentinel(),
             node_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
             endpoint,
             options,
             health,
-            scripts: Scripts {
-                add: Script::new(ADD_LUA),
-                allowance: Script::new(ALLOWANCE_LUA),
-                save: Script::new(SAVE_LUA),
-                heartbeat: Script::new(HEARTBEAT_LUA),
-            },
+            scripts: Scripts::new(),
             outbox: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(None),
             next_batch: AtomicU64::new(1),
             indexed: Mutex::new(HashSet::new()),
-            known: Mutex::new(0),
+            known: Mutex::new(Known::default()),
         };
         store
             .config
@@ -871,7 +1122,7 @@ impl FleetStore {
     /// The stored configuration and its version (`None`: never saved). The version becomes the
     /// one this node's next save expects.
     pub fn load_model(&self) -> Result<Option<Model>, FleetError> {
-        let (version, model) = self.read_config().map_err(|e| match e {
+        let (known, model) = self.read_config().map_err(|e| match e {
             ReadError::Redis(e) => FleetError::Unreachable {
                 store: self.endpoint.shown.clone(),
                 reason: e.to_string(),
@@ -881,29 +1132,32 @@ impl FleetStore {
                 reason,
             },
         })?;
-        self.set_known(version);
+        self.set_known(known);
         Ok(model)
     }
 
-    fn set_known(&self, version: u64) {
-        *lock(&self.known) = version;
-        self.health.version.store(version, Ordering::Relaxed);
+    fn set_known(&self, known: Known) {
+        self.health.version.store(known.version, Ordering::Relaxed);
+        *lock(&self.known) = known;
     }
 
-    fn stored_version(&self) -> RedisResult<u64> {
-        let v: Option<u64> = self
-            .config
-            .run(|c| redis::cmd("GET").arg(VERSION).query(c.like()))?;
-        Ok(v.unwrap_or(0))
+    fn known(&self) -> Known {
+        lock(&self.known).clone()
     }
 
-    fn read_config(&self) -> Result<(u64, Option<Model>), ReadError> {
+    /// The stored version (`None`: the key is missing, the store is empty) and epoch.
+    fn stored_head(&self) -> RedisResult<(Option<u64>, Option<String>)> {
+        let v = self.config.run(|c| head_cmd().query::<Value>(c.like()))?;
+        Ok(head_of(&v))
+    }
+
+    fn read_config(&self) -> Result<(Known, Option<Model>), ReadError> {
         for _ in 0..10 {
             let values = self
                 .config
                 .run(|c| {
                     let mut calls = vec![
-                        Call::Plain(redis::cmd("GET").arg(VERSION).clone()),
+                        Call::Plain(head_cmd()),
                         Call::Plain(redis::cmd("GET").arg(META).clone()),
                     ];
                     for name in COLLECTIONS {
@@ -914,17 +1168,23 @@ impl FleetStore {
                             redis::cmd("HGETALL").arg(seqs_key(name)).clone(),
                         ));
                     }
-                    calls.push(Call::Plain(redis::cmd("GET").arg(VERSION).clone()));
+                    calls.push(Call::Plain(head_cmd()));
                     run_calls(c, &calls)
                 })
                 .map_err(ReadError::Redis)?;
-            let before = values.first().and_then(as_u64).unwrap_or(0);
-            let after = values.last().and_then(as_u64).unwrap_or(0);
+            // Saves and seeds are atomic and each moves the version; the epoch tells a seed
+            // after a data loss from the save it may number like.
+            let before = values.first().map(head_of).unwrap_or_default();
+            let after = values.last().map(head_of).unwrap_or_default();
             if before != after {
                 continue;
             }
+            let known = Known {
+                version: before.0.unwrap_or(0),
+                epoch: before.1,
+            };
             let Some(meta) = values.get(1).and_then(as_string) else {
-                return Ok((before, None));
+                return Ok((known, None));
             };
             let mut model: Model = serde_json::from_str(&meta)
                 .map_err(|e| ReadError::Corrupt(format!("{META}: {e}")))?;
@@ -938,26 +1198,113 @@ impl FleetStore {
             model.api_keys = decode_rows(COLLECTIONS[1], part(1))?;
             model.usage_plans = decode_rows(COLLECTIONS[2], part(2))?;
             model.usage_plan_keys = decode_rows(COLLECTIONS[3], part(3))?;
-            return Ok((before, Some(model)));
+            return Ok((known, Some(model)));
         }
         Err(ReadError::Corrupt(
             "the configuration kept changing while it was read; try again".into(),
         ))
     }
 
+    fn config_keys() -> Vec<String> {
+        let mut keys = vec![
+            VERSION.to_string(),
+            EPOCH.to_string(),
+            SEED.to_string(),
+            SAVED.to_string(),
+            META.to_string(),
+        ];
+        for name in COLLECTIONS {
+            keys.push(rows_key(name));
+            keys.push(seqs_key(name));
+        }
+        keys
+    }
+
+    /// Runs a configuration script (retried once on a closed connection: the save id makes a
+    /// resent save answer as the first one did).
+    fn run_config_script(
+        &self,
+        script: &Script,
+        args: Vec<String>,
+    ) -> Result<Outcome, ControlError> {
+        let call = Call::Script {
+            script,
+            keys: Self::config_keys(),
+            args,
+        };
+        let reply = self
+            .config
+            .run(|c| call.run_alone(c.like()))
+            .map_err(|e| self.remote(e))?;
+        let parts = match &reply {
+            Value::Array(a) if a.len() == 3 => {
+                Some((as_u64(&a[0]), as_u64(&a[1]), as_string(&a[2])))
+            }
+            _ => None,
+        };
+        let Some((Some(ok), Some(version), Some(epoch))) = parts else {
+            return Err(self
+                .remote(format!("unexpected answer to a save: {reply:?}"))
+                .into());
+        };
+        let known = Known {
+            epoch: Some(epoch).filter(|e| !e.is_empty()),
+            version,
+        };
+        Ok(if ok == 1 {
+            Outcome::Written(known)
+        } else {
+            Outcome::Refused(known)
+        })
+    }
+
+    /// Writes `model` whole into an empty store under a new epoch, recording `origin` (the
+    /// configuration it was running before the store lost it), or over a seed that came from an
+    /// older version of the same origin while nothing was saved after it. See [`SEED_LUA`].
+    fn seed(&self, model: &Model, origin: Option<&Known>) -> Result<Outcome, ControlError> {
+        let (origin_epoch, origin_version) = match origin {
+            Some(k) => (k.epoch.clone().unwrap_or_default(), k.version),
+            None => (String::new(), 0),
+        };
+        let mut args = vec![
+            origin_version.to_string(),
+            origin_epoch,
+            new_id(),
+            new_id(),
+            crate::state::meta_json(model).map_err(|e| self.remote(e))?,
+        ];
+        full_rows(model, &mut args).map_err(|e| self.remote(e))?;
+        args.push(CHANNEL.to_string());
+        self.run_config_script(&self.scripts.seed, args)
+    }
+
     /// Persists `new` (diffed against `old`, everything when `old` is `None`) if the stored
-    /// version is still the one this node knows. Start-up sources use it with `old` `None`.
+    /// version and epoch are still the ones this node knows. A node that knows no stored
+    /// configuration (an empty store at start-up) seeds the store instead, unless another node
+    /// seeded it first (then a 409, as for any conflict). Start-up sources use it with `old`
+    /// `None`.
     pub fn save_model(&self, old: Option<&Model>, new: &Model) -> Result<(), ControlError> {
-        let expected = *lock(&self.known);
-        let base = (expected + 1) << 32;
+        let known = self.known();
+        if known.version == 0 {
+            return match self.seed(new, None)? {
+                Outcome::Written(k) => {
+                    self.set_known(k);
+                    Ok(())
+                }
+                Outcome::Refused(stored) => Err(self.conflict(&known, &stored)),
+            };
+        }
+        let base = (known.version + 1) << 32;
         let empty = Model::default();
         let old_model = old.unwrap_or(&empty);
         let meta_new = crate::state::meta_json(new).map_err(|e| self.remote(e))?;
         let meta_changed = old.is_none()
-            || expected == 0
             || crate::state::meta_json(old_model).map_err(|e| self.remote(e))? != meta_new;
         let mut args: Vec<String> = vec![
-            expected.to_string(),
+            known.version.to_string(),
+            known.epoch.clone().unwrap_or_default(),
+            new_id(),
+            new_id(),
             if meta_changed {
                 meta_new
             } else {
@@ -986,67 +1333,104 @@ impl FleetStore {
         )
         .map_err(|e| self.remote(e))?;
         args.push(CHANNEL.to_string());
-        let mut keys = vec![VERSION.to_string(), META.to_string()];
-        for name in COLLECTIONS {
-            keys.push(rows_key(name));
-            keys.push(seqs_key(name));
-        }
-        let call = Call::Script {
-            script: &self.scripts.save,
-            keys,
-            args,
-        };
-        let reply = self
-            .config
-            .run(|c| call.run_alone(c.like()))
-            .map_err(|e| self.remote(e))?;
-        let (ok, version) = match &reply {
-            Value::Array(a) if a.len() == 2 => (as_u64(&a[0]), as_u64(&a[1])),
-            _ => (None, None),
-        };
-        match (ok, version) {
-            (Some(1), Some(v)) => {
-                self.set_known(v);
+        match self.run_config_script(&self.scripts.save, args)? {
+            Outcome::Written(k) => {
+                self.set_known(k);
+                if let Some(old) = old {
+                    self.unindex(old, new);
+                }
                 Ok(())
             }
-            (Some(0), Some(v)) => {
-                tracing::info!(
-                    expected,
-                    stored = v,
-                    "configuration changed by another node"
-                );
-                Err(ModelError::conflict(
-                    "The configuration was changed through another gateway at the same time; \
-                     retry the request",
-                )
-                .into())
-            }
-            _ => Err(self
-                .remote(format!("unexpected answer to a save: {reply:?}"))
-                .into()),
+            Outcome::Refused(stored) => Err(self.conflict(&known, &stored)),
         }
     }
 
-    /// Indexes (plan, key) pairs this process has not indexed yet; returns the commands.
-    fn index_calls(&self, pairs: &[(&str, &str)]) -> (Vec<Call<'_>>, Vec<(String, String)>) {
+    fn conflict(&self, known: &Known, stored: &Known) -> ControlError {
+        tracing::info!(
+            expected = known.version,
+            stored = stored.version,
+            same_epoch = known.epoch == stored.epoch,
+            "configuration changed by another node"
+        );
+        ModelError::conflict(
+            "The configuration was changed through another gateway at the same time; \
+             retry the request",
+        )
+        .into()
+    }
+
+    /// Takes (plan, key) pairs that `old` has and `new` no longer has out of the usage index
+    /// (and plans `new` no longer has, with their key sets). Best effort: the configuration is
+    /// saved already, and a stale index entry only costs a read.
+    fn unindex(&self, old: &Model, new: &Model) {
+        let (pairs, plans) = removed_memberships(old, new);
+        if pairs.is_empty() && plans.is_empty() {
+            return;
+        }
+        self.forget_indexed(&pairs);
+        let mut calls = Vec::new();
+        for (plan, key) in &pairs {
+            calls.push(Call::Plain(
+                redis::cmd("SREM").arg(plan_keys_key(plan)).arg(key).clone(),
+            ));
+        }
+        for plan in &plans {
+            calls.push(Call::Plain(
+                redis::cmd("DEL").arg(plan_keys_key(plan)).clone(),
+            ));
+            calls.push(Call::Plain(redis::cmd("SREM").arg(PLANS).arg(plan).clone()));
+        }
+        if let Err(error) = self.config.run(|c| run_calls(c, &calls)) {
+            tracing::warn!(%error, "removed keys stay in the usage index (GetUsage is unaffected)");
+        }
+    }
+
+    fn forget_indexed(&self, pairs: &[(String, String)]) {
+        let mut known = lock(&self.indexed);
+        for pair in pairs {
+            known.remove(pair);
+        }
+    }
+
+    /// Usage this process has counted but the store has not confirmed: (requests, entries).
+    /// Non-zero at shutdown only when the store was unreachable at the last flush.
+    pub fn unsent(&self) -> (u64, usize) {
+        let (mut requests, mut entries) = {
+            let outbox = lock(&self.outbox);
+            (outbox.values().sum::<u64>(), outbox.len())
+        };
+        if let Some((_, batch)) = &*lock(&self.in_flight) {
+            requests += batch.iter().map(|(_, n)| n).sum::<u64>();
+            entries += batch.len();
+        }
+        (requests, entries)
+    }
+
+    /// Indexes (plan, key) pairs this process has not indexed yet (every pair with `force`);
+    /// returns the commands and the pairs they index.
+    fn index_calls(
+        &self,
+        pairs: &[(&str, &str)],
+        force: bool,
+    ) -> (Vec<Call<'_>>, HashSet<(String, String)>) {
         let known = lock(&self.indexed);
         let mut calls = Vec::new();
-        let mut fresh = Vec::new();
+        let mut fresh = HashSet::new();
         for &(plan, key) in pairs {
             let pair = (plan.to_string(), key.to_string());
-            if known.contains(&pair) || fresh.contains(&pair) {
+            if (!force && known.contains(&pair)) || fresh.contains(&pair) {
                 continue;
             }
             calls.push(Call::Plain(redis::cmd("SADD").arg(PLANS).arg(plan).clone()));
             calls.push(Call::Plain(
                 redis::cmd("SADD").arg(plan_keys_key(plan)).arg(key).clone(),
             ));
-            fresh.push(pair);
+            fresh.insert(pair);
         }
         (calls, fresh)
     }
 
-    fn remember_indexed(&self, fresh: Vec<(String, String)>) {
+    fn remember_indexed(&self, fresh: HashSet<(String, String)>) {
         let mut known = lock(&self.indexed);
         // Bounded by the keys and plans of the configuration; cleared if it grows past that.
         if known.len() > 4 * self.options.max_pending {
@@ -1108,14 +1492,19 @@ impl FleetStore {
             .iter()
             .map(|((p, k, _, _), _)| (p.as_str(), k.as_str()))
             .collect();
-        let (mut calls, fresh) = self.index_calls(&pairs);
+        let (mut calls, fresh) = self.index_calls(&pairs, false);
         let first = calls.len();
         let days_ttl = (HISTORY_DAYS * DAY_SECS).to_string();
+        let marks_ttl = MARKS_TTL.as_secs().to_string();
         let batch_id = id.to_string();
         for ((plan, key, day, start), count) in entries {
             calls.push(Call::Script {
                 script: &self.scripts.add,
-                keys: vec![period_key(plan, key), days_key(plan, key)],
+                keys: vec![
+                    period_key(plan, key),
+                    days_key(plan, key),
+                    marks_key(plan, key, *day),
+                ],
                 args: vec![
                     day.to_string(),
                     start.to_string(),
@@ -1124,16 +1513,36 @@ impl FleetStore {
                     days_ttl.clone(),
                     self.node_id.clone(),
                     batch_id.clone(),
+                    marks_ttl.clone(),
+                    history_keep(*day).to_string(),
                 ],
             });
         }
         let values = self.usage.run(|c| run_calls(c, &calls))?;
+        let mut totals = HashMap::with_capacity(entries.len());
+        let mut unindexed: Vec<(&str, &str)> = Vec::new();
+        for (((plan, key, day, start), sent), v) in entries.iter().zip(&values[first..]) {
+            let (total, created) = add_reply(v);
+            totals.insert(
+                (plan.clone(), key.clone(), *day, *start),
+                total.unwrap_or(*sent),
+            );
+            // Records created afresh for a pair indexed before: the store lost its data (or
+            // the records expired), and the index entry with them.
+            if created && !fresh.contains(&(plan.clone(), key.clone())) {
+                unindexed.push((plan, key));
+            }
+        }
         self.remember_indexed(fresh);
-        Ok(entries
-            .iter()
-            .zip(&values[first..])
-            .map(|((k, sent), v)| (k.clone(), as_u64(v).unwrap_or(*sent)))
-            .collect())
+        if !unindexed.is_empty() {
+            let (calls, again) = self.index_calls(&unindexed, true);
+            if let Err(error) = self.usage.run(|c| run_calls(c, &calls)) {
+                tracing::debug!(%error, "usage index not rebuilt; retried at the next flush");
+                let again: Vec<(String, String)> = again.into_iter().collect();
+                self.forget_indexed(&again);
+            }
+        }
+        Ok(totals)
     }
 }
 
@@ -1337,7 +1746,8 @@ impl UsageStore for FleetStore {
         allowance: u64,
         day: u32,
     ) -> Result<(), StoreError> {
-        let (mut calls, fresh) = self.index_calls(&[(plan_id, key_id)]);
+        // Always indexed: an admin call, rare, and the index may have been lost with the data.
+        let (mut calls, fresh) = self.index_calls(&[(plan_id, key_id)], true);
         calls.push(Call::Script {
             script: &self.scripts.allowance,
             keys: vec![period_key(plan_id, key_id), days_key(plan_id, key_id)],
@@ -1347,6 +1757,7 @@ impl UsageStore for FleetStore {
                 day.to_string(),
                 period_expiry(period_start).to_string(),
                 (HISTORY_DAYS * DAY_SECS).to_string(),
+                history_keep(day).to_string(),
             ],
         });
         self.usage
@@ -1477,36 +1888,139 @@ impl ConfigStore for FleetStore {
         self.save_model(Some(old), new)
     }
 
+    /// Compares the store's version and epoch with the ones this node runs:
+    ///
+    /// - the version key is missing: the store lost its data (a restart without persistence, a
+    ///   flush). The node seeds it with the configuration it serves, unless another node did
+    ///   first (then it loads theirs); a node that never had a stored configuration has nothing
+    ///   to write back.
+    /// - another epoch: the store was seeded again by another node. The node replaces that seed
+    ///   only if it runs a newer version of the same origin and nothing was saved since the
+    ///   seed (see [`SEED_LUA`]); otherwise it loads it. It never writes back over saves made
+    ///   after the seed, whatever their version numbers.
+    /// - the same epoch, another version: it loads the stored configuration.
     fn changed(&self, current: &Model) -> Result<Option<Model>, ControlError> {
-        let stored = self.stored_version().map_err(|e| self.remote(e))?;
-        let known = *lock(&self.known);
-        if stored == known {
-            return Ok(None);
+        let (stored, epoch) = self.stored_head().map_err(|e| self.remote(e))?;
+        let known = self.known();
+        match stored {
+            None if known.version == 0 => return Ok(None),
+            None => {
+                tracing::warn!(
+                    store = self.name(),
+                    version = known.version,
+                    "the store lost the configuration; seeding it with this node's"
+                );
+                self.forget_all_indexed();
+                if let Outcome::Written(k) = self.seed(current, Some(&known))? {
+                    self.set_known(k);
+                    return Ok(None);
+                }
+            }
+            Some(v) if epoch == known.epoch => {
+                if v == known.version {
+                    return Ok(None);
+                }
+            }
+            Some(v) => {
+                if known.epoch.is_some() {
+                    tracing::warn!(
+                        store = self.name(),
+                        version = v,
+                        known = known.version,
+                        "the store was seeded again (it lost its data); taking the fleet's \
+                         configuration"
+                    );
+                    self.forget_all_indexed();
+                    if let Outcome::Written(k) = self.seed(current, Some(&known))? {
+                        tracing::info!(
+                            version = k.version,
+                            "this node's configuration was newer than the seed; it replaced it"
+                        );
+                        self.set_known(k);
+                        return Ok(None);
+                    }
+                }
+            }
         }
-        if stored < known {
-            // The store lost data (a restart without persistence, a flush): write back the
-            // configuration this node serves; the other nodes then load it.
-            tracing::warn!(
-                store = self.name(),
-                stored,
-                known,
-                "the store lost the configuration; writing this node's back"
-            );
-            self.set_known(stored);
-            return match self.save_model(None, current) {
-                Ok(()) => Ok(None),
-                // Another node wrote it back first: load theirs.
-                Err(ControlError::Model(_)) => self.changed(current),
-                Err(e) => Err(e),
-            };
-        }
-        let (version, model) = self.read_config().map_err(|e| match e {
+        let (k, model) = self.read_config().map_err(|e| match e {
             ReadError::Redis(e) => self.remote(e),
             ReadError::Corrupt(reason) => self.remote(reason),
         })?;
-        self.set_known(version);
+        self.set_known(k);
+        let model = model.unwrap_or_default();
+        // Memberships removed elsewhere: index them again if they come back.
+        let (pairs, _) = removed_memberships(current, &model);
+        self.forget_indexed(&pairs);
         self.health.reloads.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(model.unwrap_or_default()))
+        Ok(Some(model))
+    }
+}
+
+impl FleetStore {
+    fn forget_all_indexed(&self) {
+        lock(&self.indexed).clear();
+    }
+}
+
+/// `MGET version epoch`: one command, one slot.
+fn head_cmd() -> Cmd {
+    redis::cmd("MGET").arg(VERSION).arg(EPOCH).clone()
+}
+
+fn head_of(v: &Value) -> (Option<u64>, Option<String>) {
+    match v {
+        Value::Array(a) => (
+            a.first().and_then(as_u64),
+            a.get(1).and_then(as_string).filter(|e| !e.is_empty()),
+        ),
+        _ => (None, None),
+    }
+}
+
+/// A random id (epochs, save ids): 32 hex digits.
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The rows part of a seed's arguments: every collection cleared and written whole, in order.
+fn full_rows(model: &Model, args: &mut Vec<String>) -> Result<(), serde_json::Error> {
+    diff_rows::<RestApi>(&[], &model.rest_apis, 0, true, args)?;
+    diff_rows::<ApiKey>(&[], &model.api_keys, 0, true, args)?;
+    diff_rows::<UsagePlan>(&[], &model.usage_plans, 0, true, args)?;
+    diff_rows::<UsagePlanKey>(&[], &model.usage_plan_keys, 0, true, args)
+}
+
+/// (plan, key) memberships of `old` that `new` no longer has, and plans it no longer has.
+fn removed_memberships(old: &Model, new: &Model) -> (Vec<(String, String)>, Vec<String>) {
+    let kept: HashSet<(&str, &str)> = new
+        .usage_plan_keys
+        .iter()
+        .map(|u| (u.usage_plan_id.as_str(), u.key_id.as_str()))
+        .collect();
+    let pairs = old
+        .usage_plan_keys
+        .iter()
+        .filter(|u| !kept.contains(&(u.usage_plan_id.as_str(), u.key_id.as_str())))
+        .map(|u| (u.usage_plan_id.clone(), u.key_id.clone()))
+        .collect();
+    let plans: HashSet<&str> = new.usage_plans.iter().map(|p| p.id.as_str()).collect();
+    let gone = old
+        .usage_plans
+        .iter()
+        .filter(|p| !plans.contains(p.id.as_str()))
+        .map(|p| p.id.clone())
+        .collect();
+    (pairs, gone)
+}
+
+/// The add script's answer: the period total and whether the days hash was created.
+fn add_reply(v: &Value) -> (Option<u64>, bool) {
+    match v {
+        Value::Array(a) => (
+            a.first().and_then(as_u64),
+            a.get(1).and_then(as_u64) == Some(1),
+        ),
+        other => (as_u64(other), false),
     }
 }
 
@@ -1530,6 +2044,17 @@ impl Drop for Watcher {
         // Set before the removal: a heartbeat that has not started by then will not re-add us.
         self.stop.store(true, Ordering::SeqCst);
         self.store.leave();
+        // The gateway drops its watcher after its last flush: what is left now is lost.
+        let (requests, entries) = self.store.unsent();
+        if requests > 0 {
+            tracing::error!(
+                store = self.store.name(),
+                requests,
+                entries,
+                "stopping with usage the store has not confirmed (it was unreachable at the \
+                 last flush); these requests may be missing from the fleet's counts"
+            );
+        }
     }
 }
 
@@ -1601,6 +2126,8 @@ impl FleetStore {
     }
 
     fn announce(&self, control: &Control, stop: &AtomicBool) {
+        // From now on the heartbeat alone decides whether the store is up.
+        self.health.heartbeat.store(true, Ordering::Relaxed);
         // The count of the previous heartbeat: a lower count applies only once seen twice.
         let mut previous = 0u32;
         while !stop.load(Ordering::SeqCst) {
@@ -1620,6 +2147,7 @@ impl FleetStore {
             }
             std::thread::sleep(HEARTBEAT.saturating_sub(started.elapsed()));
         }
+        self.health.heartbeat.store(false, Ordering::Relaxed);
     }
 
     fn listen(&self, control: &Control, stop: &AtomicBool) {
@@ -1882,6 +2410,134 @@ mod tests {
         a.changed(&Model::default()).expect("changed");
         a.save(&m4, &m5).expect("save");
         assert_eq!(b.changed(&Model::default()).expect("changed"), Some(m5));
+    }
+
+    #[test]
+    fn a_store_that_lost_its_data_is_seeded_once_and_never_reverted() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let (a, b, c) = (open(&redis), open(&redis), open(&redis));
+        let m1 = model();
+        a.save_model(None, &m1).expect("seed an empty store");
+        assert_eq!(b.load_model().expect("load"), Some(m1.clone()));
+        assert_eq!(c.load_model().expect("load"), Some(m1.clone()));
+        // A moves on twice; B follows the first step; C sees neither; D the last.
+        let m2 = m1.clone().key(ApiKey::new("k3", "value-of-k3-0123456789"));
+        a.save(&m1, &m2).expect("save");
+        assert_eq!(b.changed(&m1).expect("changed"), Some(m2.clone()));
+        let m3 = m2.clone().key(ApiKey::new("k4", "value-of-k4-0123456789"));
+        a.save(&m2, &m3).expect("save");
+        let d = open(&redis);
+        assert_eq!(d.load_model().expect("load"), Some(m3.clone()));
+
+        // Redis loses everything. B notices first and seeds its m2; A, which runs a newer
+        // version of the same epoch, replaces that seed (nothing was saved on it); C loads it.
+        redis.flush_all();
+        assert_eq!(b.changed(&m2).expect("seed"), None);
+        assert_eq!(a.changed(&m3).expect("replace the older seed"), None);
+        assert_eq!(b.changed(&m2).expect("changed"), Some(m3.clone()));
+        assert_eq!(c.changed(&m1).expect("changed"), Some(m3.clone()));
+        // A change after the seed: no node writes an older configuration over it, whether
+        // its version number is lower (C) or the same (D: 3 before the loss, 3 now).
+        let mut m4 = m3.clone();
+        m4.api_keys[0].enabled = false;
+        b.save(&m3, &m4).expect("save");
+        assert_eq!(d.health().config_version(), b.health().config_version());
+        assert_eq!(d.changed(&m3).expect("changed"), Some(m4.clone()));
+        assert_eq!(c.changed(&m3).expect("changed"), Some(m4.clone()));
+        assert_eq!(a.changed(&m3).expect("changed"), Some(m4.clone()));
+        // Two nodes with the same configuration find the store empty: one seeds, the other
+        // loads the seed.
+        redis.flush_all();
+        assert_eq!(a.changed(&m4).expect("seed"), None);
+        assert_eq!(b.changed(&m4).expect("changed"), Some(m4.clone()));
+        assert_eq!(b.load_model().expect("load"), Some(m4));
+
+        // A save resent because its answer was lost (same save id) answers as the first did;
+        // another save from the same version is a conflict.
+        let known = b.known();
+        let args = |id: &str| {
+            let mut args = vec![
+                known.version.to_string(),
+                known.epoch.clone().unwrap_or_default(),
+                id.to_string(),
+                new_id(),
+                String::new(),
+            ];
+            for _ in COLLECTIONS {
+                args.extend(["0".to_string(), "0".to_string(), "0".to_string()]);
+            }
+            args.push(CHANNEL.to_string());
+            args
+        };
+        let save = |id: &str| match b.run_config_script(&b.scripts.save, args(id)) {
+            Ok(Outcome::Written(k)) => Some(k.version),
+            Ok(Outcome::Refused(_)) => None,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(save("first"), Some(known.version + 1));
+        assert_eq!(save("first"), Some(known.version + 1));
+        assert_eq!(save("second"), None);
+    }
+
+    #[test]
+    fn connections_the_store_closed_are_retried_once() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let store = open(&redis);
+        assert_eq!(store.stored_head().expect("head"), (None, None));
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut c = client.get_connection().expect("connect");
+        // As Redis's idle `timeout` or a restart does: every other connection is closed.
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .exec(&mut c)
+            .expect("client kill");
+        assert_eq!(store.stored_head().expect("retried"), (None, None));
+        assert!(store.health().is_up());
+        assert_eq!(store.health().failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn resent_batches_count_once_and_history_stays_bounded() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let store = open(&redis);
+        let entry = |day: u32, n: u64| (("p".to_string(), "k".to_string(), day, day), n);
+        let total = |id: u64, day: u32, n: u64| {
+            store.send_batch(id, &[entry(day, n)]).expect("send")[&entry(day, n).0]
+        };
+        assert_eq!(total(7, 1000, 5), 5);
+        // The same batch again (its answer was lost): recognised, not counted twice.
+        assert_eq!(total(7, 1000, 5), 5);
+        assert_eq!(total(8, 1000, 2), 7);
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut c = client.get_connection().expect("connect");
+        let days = days_key("p", "k");
+        let fields: Vec<String> = redis::cmd("HKEYS").arg(&days).query(&mut c).expect("hkeys");
+        assert!(!fields.iter().any(|f| f.starts_with('b')), "{fields:?}");
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(marks_key("p", "k", 1000))
+            .query(&mut c)
+            .expect("ttl");
+        assert!((1..=2 * 86_400).contains(&ttl), "{ttl}");
+        // Records of days leaving the 400-day window are dropped as later days are written.
+        redis::cmd("HSET")
+            .arg(&days)
+            .arg(&["u605", "3", "a605", "9", "u700", "4"])
+            .exec(&mut c)
+            .expect("hset");
+        assert_eq!(total(9, 1010, 1), 1);
+        let kept: Vec<u32> = store
+            .history("p", Some("k"), 0, 5000)
+            .expect("history")
+            .iter()
+            .map(|r| r.day)
+            .collect();
+        assert_eq!(kept, [700, 1000, 1010]);
     }
 
     #[test]

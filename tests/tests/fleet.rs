@@ -511,3 +511,467 @@ fn redis_cluster_shares_keys_quota_and_usage() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis losing its data, dropped connections, bounded usage data
+// ---------------------------------------------------------------------------------------------
+
+/// One reply of Redis (RESP2), as far as these tests read them.
+#[derive(Debug, Clone, PartialEq)]
+enum Reply {
+    Text(String),
+    Int(i64),
+    Nil,
+    Error(String),
+    List(Vec<Reply>),
+}
+
+impl Reply {
+    /// The strings of an array reply (HKEYS, SMEMBERS).
+    fn texts(&self) -> Vec<String> {
+        match self {
+            Reply::List(items) => items
+                .iter()
+                .filter_map(|r| match r {
+                    Reply::Text(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Runs `commands` in order on one new connection to the Redis on 127.0.0.1:`port`.
+fn redis_cmds(port: u16, commands: &[&[&str]]) -> Result<Vec<Reply>> {
+    use std::io::{BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut out = Vec::with_capacity(commands.len());
+    for command in commands {
+        let mut bytes = format!("*{}\r\n", command.len()).into_bytes();
+        for arg in *command {
+            bytes.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            bytes.extend_from_slice(arg.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        writer.write_all(&bytes)?;
+        out.push(read_reply(&mut reader)?);
+    }
+    Ok(out)
+}
+
+fn redis_cmd(port: u16, command: &[&str]) -> Result<Reply> {
+    let reply = redis_cmds(port, &[command])?.remove(0);
+    if let Reply::Error(e) = &reply {
+        anyhow::bail!("{}: {e}", command.join(" "));
+    }
+    Ok(reply)
+}
+
+fn read_reply(r: &mut impl std::io::BufRead) -> Result<Reply> {
+    let mut line = String::new();
+    ensure!(r.read_line(&mut line)? > 0, "redis closed the connection");
+    let line = line.trim_end_matches("\r\n");
+    ensure!(!line.is_empty(), "empty reply line");
+    let (kind, rest) = line.split_at(1);
+    Ok(match kind {
+        "+" => Reply::Text(rest.to_owned()),
+        "-" => Reply::Error(rest.to_owned()),
+        ":" => Reply::Int(rest.parse()?),
+        "$" => match usize::try_from(rest.parse::<i64>()?) {
+            Err(_) => Reply::Nil,
+            Ok(len) => {
+                let mut buf = vec![0; len + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(len);
+                Reply::Text(String::from_utf8_lossy(&buf).into_owned())
+            }
+        },
+        "*" => match usize::try_from(rest.parse::<i64>()?) {
+            Err(_) => Reply::Nil,
+            Ok(n) => {
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(read_reply(r)?);
+                }
+                Reply::List(items)
+            }
+        },
+        other => anyhow::bail!("unexpected reply type {other:?}: {line}"),
+    })
+}
+
+/// One sample of `node`'s `/metrics`.
+fn node_metric(node: &Gateway, name: &str) -> Result<Option<u64>> {
+    let (status, text) = curl(None, &[&format!("http://{}/metrics", node.admin)])?;
+    ensure!(status == 200, "/metrics answered {status}");
+    Ok(metric(&text, name))
+}
+
+/// Waits until `node` serves configuration version `want` (`gateway_config_version`).
+fn wait_for_version(node: &Gateway, want: u64, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let seen = node_metric(node, "gateway_config_version")?;
+        if seen == Some(want) {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "node {} serves configuration version {seen:?} after {limit:?}, want {want}",
+            node.admin
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until GetUsage on `addr` reports `want` requests of `key` today.
+fn wait_used(addr: SocketAddr, plan: &str, key: &str, want: u64, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let used = used_today(addr, plan, key);
+        if matches!(used, Ok(n) if n == want) {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "GetUsage reports {used:?} used after {limit:?}, want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `count` requests with `value`; returns the statuses.
+fn send(addr: SocketAddr, path: &str, value: &str, count: usize) -> Result<Vec<u16>> {
+    let mut client = KeepAlive::new(addr);
+    (0..count)
+        .map(|_| Ok(client.get(path, Some(value))?.0))
+        .collect()
+}
+
+/// Sends requests with `value` every 10 ms for `run`; returns the statuses.
+fn send_for(addr: SocketAddr, path: &str, value: &str, run: Duration) -> Result<Vec<u16>> {
+    let mut client = KeepAlive::new(addr);
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    while started.elapsed() < run {
+        statuses.push(client.get(path, Some(value))?.0);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(statuses)
+}
+
+/// Days since 1970-01-01 UTC, the day usage is counted under.
+fn today_number() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
+}
+
+fn patch(op_path: &str, value: &str) -> serde_json::Value {
+    serde_json::json!({"patchOperations": [{"op": "replace", "path": op_path, "value": value}]})
+}
+
+/// One node on `redis` with an API and a plan holding one key (`value`), not yet used.
+struct Single {
+    _upstream: Upstream,
+    node: Gateway,
+    path: String,
+    plan: String,
+    key: String,
+}
+
+fn single(redis: &RedisServer, failure: &str, value: &str) -> Result<Single> {
+    let upstream = Upstream::start()?;
+    let node = start_node(redis, failure)?;
+    let api = create_proxy_api(node.admin, &upstream, "shop")?.id;
+    let plan = create_plan(node.admin, &api, "single", (5000.0, 5000), Some(1_000_000))?;
+    let key = create_plan_key(node.admin, &plan, value, value)?;
+    let path = format!("/restapis/{api}/prod/_user_request_/pets");
+    Ok(Single {
+        _upstream: upstream,
+        node,
+        path,
+        plan,
+        key,
+    })
+}
+
+#[test]
+fn store_that_lost_its_data_keeps_the_fleets_latest_configuration() -> Result<()> {
+    let Some((f, mut redis)) = fleet("fleet reseed", "local", 1_000_000)? else {
+        return Ok(());
+    };
+    let (a, b, c) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let one = "fleet-reseed-key-1-0123456789";
+    let k1 = create_plan_key(a.admin, &f.plan, one, one)?;
+    f.wait_all(one, 200, PROPAGATION)?;
+    // C freezes (a stalled VM, a partition) knowing version `vc`; B one change later.
+    let vc = node_metric(a, "gateway_config_version")?.context("A's version")?;
+    wait_for_version(c, vc, PROPAGATION)?;
+    c.signal(libc::SIGSTOP)?;
+    let two = "fleet-reseed-key-2-0123456789";
+    let k2 = create_plan_key(a.admin, &f.plan, two, two)?;
+    let vb = node_metric(a, "gateway_config_version")?.context("A's version")?;
+    wait_for_version(b, vb, PROPAGATION)?;
+    b.signal(libc::SIGSTOP)?;
+
+    // Redis restarts empty; A, the only node running, seeds it again with what it serves.
+    redis.restart()?;
+    wait_for_version(a, 1, Duration::from_secs(3))?;
+    // Acknowledged changes through A bring the new numbering up to C's version, the last one
+    // disabling key 1: B now knows a higher version number than the store, C the same one.
+    ensure!(vc >= 2 && vb > vc, "versions {vc} and {vb}");
+    for i in 2..vc {
+        admin_ok(
+            a.admin,
+            "PATCH",
+            &format!("/apikeys/{k2}"),
+            Some(&patch("/name", &format!("renamed-{i}"))),
+        )?;
+    }
+    admin_ok(
+        a.admin,
+        "PATCH",
+        &format!("/apikeys/{k1}"),
+        Some(&patch("/enabled", "false")),
+    )?;
+    wait_for_version(a, vc, PROPAGATION)?;
+
+    b.signal(libc::SIGCONT)?;
+    c.signal(libc::SIGCONT)?;
+    // Both load the fleet's configuration: key 1 disabled, key 2 there.
+    for node in &f.nodes {
+        wait_for(node.data, &f.path, one, 403, Duration::from_secs(3))?;
+        wait_for(node.data, &f.path, two, 200, Duration::from_secs(3))?;
+    }
+    // Long enough for a node to have written its old configuration back.
+    std::thread::sleep(FLUSH_INTERVAL * 2);
+    for node in &f.nodes {
+        let (status, body) = KeepAlive::new(node.data).get(&f.path, Some(one))?;
+        ensure!(
+            status == 403,
+            "node {}: the disabled key answers {status} {body}",
+            node.admin
+        );
+    }
+    let key = admin_ok(a.admin, "GET", &format!("/apikeys/{k1}"), None)?;
+    ensure!(key["enabled"] == false, "key 1 is enabled again: {key}");
+    Ok(())
+}
+
+#[test]
+fn connections_redis_closed_are_retried_not_failed() -> Result<()> {
+    let Some(mut redis) = RedisServer::start("fleet dropped connections")? else {
+        return Ok(());
+    };
+    let value = "fleet-retry-key-0123456789ab";
+    let s = single(&redis, "closed", value)?;
+    wait_for(s.node.data, &s.path, value, 200, PROPAGATION)?;
+    // Redis closes connections idle for more than 2 s: traffic resuming after a pause meets
+    // a closed usage connection.
+    redis_cmd(redis.port, &["CONFIG", "SET", "timeout", "2"])?;
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(4500));
+        let statuses = send_for(s.node.data, &s.path, value, Duration::from_millis(1500))?;
+        let refused = statuses.iter().filter(|&&st| st != 200).count();
+        ensure!(
+            refused == 0,
+            "round {round}: {refused} of {} requests after an idle pause were refused: \
+             {statuses:?}",
+            statuses.len()
+        );
+    }
+    // A restart cuts every connection (and empties the store, which is seeded again): the
+    // first admin call after it still succeeds.
+    for round in 0..3 {
+        redis.restart()?;
+        let body = serde_json::json!({"name": format!("after-restart-{round}"), "enabled": true});
+        let (status, answer) = admin(s.node.admin, "POST", "/apikeys", Some(&body))?;
+        ensure!(
+            (200..300).contains(&status),
+            "round {round}: the first admin call after a Redis restart answered {status} \
+             {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+#[test]
+fn usage_is_indexed_again_after_the_store_lost_its_data() -> Result<()> {
+    let Some(mut redis) = RedisServer::start("fleet usage index")? else {
+        return Ok(());
+    };
+    let value = "fleet-index-key-0123456789ab";
+    let s = single(&redis, "local", value)?;
+    let before = send(s.node.data, &s.path, value, 5)?;
+    ensure!(before.iter().all(|&st| st == 200), "{before:?}");
+    wait_used(s.node.admin, &s.plan, &s.key, 5, FLUSH_INTERVAL * 3)?;
+    redis.restart()?;
+    wait_for_version(&s.node, 1, Duration::from_secs(3))?;
+    // Usage from now on is in the new store, and GetUsage finds it.
+    let after = send(s.node.data, &s.path, value, 7)?;
+    ensure!(after.iter().all(|&st| st == 200), "{after:?}");
+    wait_used(s.node.admin, &s.plan, &s.key, 7, FLUSH_INTERVAL * 4)?;
+    Ok(())
+}
+
+#[test]
+fn usage_data_in_the_store_stays_bounded() -> Result<()> {
+    let Some(redis) = RedisServer::start("fleet bounded usage")? else {
+        return Ok(());
+    };
+    let value = "fleet-bounded-key-0123456789";
+    let s = single(&redis, "local", value)?;
+    let (today, old) = (today_number(), today_number() - 500);
+    let pair = format!("{}\u{1f}{}", s.plan, s.key);
+    let days = format!("gateway:u:{{{pair}}}:d");
+    let marks = format!("gateway:u:{{{pair}}}:b{today}");
+    let index = format!("gateway:u:{{{}}}:keys", s.plan);
+    // The key's day records as a key in use for 500 days has them, with a batch mark as the
+    // layout before this one kept them.
+    redis_cmd(
+        redis.port,
+        &[
+            "HSET",
+            &days,
+            &format!("u{old}"),
+            "9",
+            &format!("a{old}"),
+            "9",
+            &format!("b{old}:{old}:gone-node"),
+            "4",
+        ],
+    )?;
+    let statuses = send(s.node.data, &s.path, value, 5)?;
+    ensure!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
+    wait_used(s.node.admin, &s.plan, &s.key, 5, FLUSH_INTERVAL * 3)?;
+
+    let fields = redis_cmd(redis.port, &["HKEYS", &days])?.texts();
+    ensure!(
+        fields.contains(&format!("u{today}")),
+        "no record of today: {fields:?}"
+    );
+    ensure!(
+        !fields
+            .iter()
+            .any(|f| f.starts_with('b') || f.ends_with(&old.to_string())),
+        "batch marks or records older than the history window are kept: {fields:?}"
+    );
+    let ttl = |key: &str| -> Result<i64> {
+        match redis_cmd(redis.port, &["TTL", key])? {
+            Reply::Int(n) => Ok(n),
+            other => anyhow::bail!("TTL {key}: {other:?}"),
+        }
+    };
+    let days_ttl = ttl(&days)?;
+    ensure!(
+        (1..=400 * 86_400).contains(&days_ttl),
+        "day records expire in {days_ttl} s"
+    );
+    let marks_ttl = ttl(&marks)?;
+    ensure!(
+        (1..=2 * 86_400).contains(&marks_ttl),
+        "batch marks expire in {marks_ttl} s"
+    );
+
+    // Taking the key out of the plan takes it out of the plan's usage index; putting it back
+    // indexes it again at its next request.
+    admin_ok(
+        s.node.admin,
+        "DELETE",
+        &format!("/usageplans/{}/keys/{}", s.plan, s.key),
+        None,
+    )?;
+    let members = redis_cmd(redis.port, &["SMEMBERS", &index])?.texts();
+    ensure!(
+        !members.contains(&s.key),
+        "a removed key stays in the usage index: {members:?}"
+    );
+    admin_ok(
+        s.node.admin,
+        "POST",
+        &format!("/usageplans/{}/keys", s.plan),
+        Some(&serde_json::json!({"keyId": s.key, "keyType": "API_KEY"})),
+    )?;
+    let statuses = send(s.node.data, &s.path, value, 1)?;
+    ensure!(statuses == [200], "{statuses:?}");
+    wait_used(s.node.admin, &s.plan, &s.key, 6, FLUSH_INTERVAL * 3)?;
+    let members = redis_cmd(redis.port, &["SMEMBERS", &index])?.texts();
+    ensure!(
+        members.contains(&s.key),
+        "a key put back in its plan is missing from the usage index: {members:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn usage_left_unsent_at_shutdown_is_logged() -> Result<()> {
+    let Some(mut redis) = RedisServer::start("fleet unsent usage")? else {
+        return Ok(());
+    };
+    let value = "fleet-unsent-key-0123456789";
+    let mut s = single(&redis, "local", value)?;
+    wait_for(s.node.data, &s.path, value, 200, PROPAGATION)?;
+    wait_used(s.node.admin, &s.plan, &s.key, 1, FLUSH_INTERVAL * 3)?;
+    redis.kill();
+    let statuses = send(s.node.data, &s.path, value, 5)?;
+    ensure!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
+    let status = s.node.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "exit {status}: {}", s.node.stderr());
+    let log = s.node.stderr();
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("requests=5")),
+        "no error names the 5 requests left unsent:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn password_change_is_logged_with_its_reason_and_counted() -> Result<()> {
+    let Some(redis) = RedisServer::start("fleet password change")? else {
+        return Ok(());
+    };
+    let value = "fleet-password-key-0123456789";
+    let s = single(&redis, "closed", value)?;
+    wait_for(s.node.data, &s.path, value, 200, PROPAGATION)?;
+    let failures = node_metric(&s.node, "gateway_store_failures_total")?.unwrap_or(0);
+    // Redis now wants a password the gateway does not have, and the connections end (as at a
+    // restart with the new setting).
+    let replies = redis_cmds(
+        redis.port,
+        &[
+            &["CONFIG", "SET", "requirepass", "new-secret-0123456789"],
+            &["CLIENT", "KILL", "TYPE", "normal"],
+        ],
+    )?;
+    ensure!(
+        !replies.iter().any(|r| matches!(r, Reply::Error(_))),
+        "{replies:?}"
+    );
+    wait_for(s.node.data, &s.path, value, 503, Duration::from_secs(3))?;
+    // A few more heartbeats and version checks, all refused.
+    std::thread::sleep(FLUSH_INTERVAL * 3);
+    let log = s.node.stderr();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("NOAUTH"))
+        .collect();
+    ensure!(
+        warnings.len() == 1,
+        "want one warning naming NOAUTH, got {}:\n{log}",
+        warnings.len()
+    );
+    let counted = node_metric(&s.node, "gateway_store_failures_total")?.unwrap_or(0);
+    ensure!(
+        counted >= failures + 3,
+        "gateway_store_failures_total went from {failures} to {counted}"
+    );
+    ensure!(node_metric(&s.node, "gateway_store_up")? == Some(0));
+    Ok(())
+}
