@@ -62,9 +62,14 @@ fn model(upstream: &Upstream) -> Model {
 }
 
 fn start(upstream: &Upstream, extra: &[&str]) -> anyhow::Result<(Gateway, TempDir)> {
+    start_with(&serde_json::to_value(model(upstream))?, extra)
+}
+
+/// Starts a gateway on the configuration file `json`; the file lives in the returned dir.
+fn start_with(json: &serde_json::Value, extra: &[&str]) -> anyhow::Result<(Gateway, TempDir)> {
     let dir = TempDir::new("model")?;
     let path = dir.path.join("model.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&model(upstream))?)?;
+    std::fs::write(&path, serde_json::to_string_pretty(json)?)?;
     let path = path.display().to_string();
     let mut args = vec![
         "--listen",
@@ -96,6 +101,18 @@ fn get(
     let (status, text) = curl(None, &args)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+/// The upstream's echo of a request that must answer 200.
+fn echo(
+    gw: &Gateway,
+    path: &str,
+    key: Option<&str>,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let (status, head, body) = get(gw, path, key, extra)?;
+    anyhow::ensure!(status == 200, "{path} answered {status}: {head}\n{body}");
+    Ok(serde_json::from_str(&body)?)
 }
 
 fn assert_refusal(got: (u16, String, String), status: u16, error_type: &str, message: &str) {
@@ -225,35 +242,19 @@ fn paths_that_could_climb_and_doubled_keys_are_refused() -> anyhow::Result<()> {
     );
     assert_eq!(upstream.requests(), 0);
     // Dots inside a segment are ordinary characters.
-    let (status, _, body) = get(&gw, "/prod/files/report.v2.json", Some(OTHER), &[])?;
-    assert_eq!(status, 200, "{body}");
-    let echo: serde_json::Value = serde_json::from_str(&body)?;
-    assert_eq!(echo["path"], "/files/report.v2.json");
+    let seen = echo(&gw, "/prod/files/report.v2.json", Some(OTHER), &[])?;
+    assert_eq!(seen["path"], "/files/report.v2.json");
     Ok(())
 }
 
 #[test]
 fn a_misspelt_member_in_the_config_file_stops_the_start() -> anyhow::Result<()> {
     let upstream = Upstream::start()?;
-    let dir = TempDir::new("model")?;
-    let path = dir.path.join("model.json");
     let mut json = serde_json::to_value(model(&upstream))?;
     json["usagePlans"][0]["throtle"] = json["usagePlans"][0]["throttle"].take();
-    std::fs::write(&path, json.to_string())?;
-    let path = path.display().to_string();
-    let error = Gateway::start(
-        None,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-            &path,
-        ],
-    )
-    .err()
-    .context("a plan without its throttle was served")?;
+    let error = start_with(&json, &[])
+        .err()
+        .context("a plan without its throttle was served")?;
     let text = format!("{error:#}");
     assert!(text.contains("usagePlans.0.throtle"), "{text}");
     Ok(())
@@ -263,18 +264,14 @@ fn a_misspelt_member_in_the_config_file_stops_the_start() -> anyhow::Result<()> 
 fn the_integration_method_is_the_upstream_method() -> anyhow::Result<()> {
     let upstream = Upstream::start()?;
     let (gw, _dir) = start(&upstream, &[])?;
-    let (status, _, body) = get(&gw, "/prod/legacy", None, &[])?;
-    assert_eq!(status, 200, "{body}");
-    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    let seen = echo(&gw, "/prod/legacy", None, &[])?;
     assert_eq!(
-        (echo["method"].as_str(), echo["path"].as_str()),
+        (seen["method"].as_str(), seen["path"].as_str()),
         (Some("POST"), Some("/legacy"))
     );
     // `ANY` (or no method) sends the client's.
-    let (status, _, body) = get(&gw, "/prod/pets/1", Some(OTHER), &["-X", "DELETE"])?;
-    assert_eq!(status, 200, "{body}");
-    let echo: serde_json::Value = serde_json::from_str(&body)?;
-    assert_eq!(echo["method"], "DELETE");
+    let seen = echo(&gw, "/prod/pets/1", Some(OTHER), &["-X", "DELETE"])?;
+    assert_eq!(seen["method"], "DELETE");
     Ok(())
 }
 
