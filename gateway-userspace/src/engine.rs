@@ -375,7 +375,7 @@ pub struct RouteIntegration {
     pub timeout_ms: u32,
     /// Method of the upstream request (`httpMethod` of the integration); `None` (unset or
     /// `ANY`) sends the client's method.
-    pub http_method: Option<String>,
+    pub http_method: Option<http::Method>,
 }
 
 /// A request matched to a REST API, stage, resource and method.
@@ -1671,9 +1671,9 @@ fn compile_tree(resources: &[Resource]) -> Result<(CTree, Vec<Option<&Integratio
     Ok((tree, integrations))
 }
 
-/// Builds a snapshot, reusing the state of `old` for everything that still exists.
-/// Compiles `model` (validated, throttles already divided over the nodes) into a snapshot that
-/// keeps `given`, the configuration as the control plane holds it, without copying it.
+/// Compiles `model` (validated, throttles already divided over the nodes) into a snapshot,
+/// reusing the state of `old` for everything that still exists. The snapshot keeps `given`,
+/// the configuration as the control plane holds it, without copying it.
 fn compile(
     model: &Model,
     given: Arc<Model>,
@@ -1756,8 +1756,9 @@ fn compile(
                         timeout_ms: i.timeout_in_millis,
                         http_method: i
                             .http_method
-                            .clone()
-                            .filter(|m| !m.is_empty() && !m.eq_ignore_ascii_case("ANY")),
+                            .as_deref()
+                            .filter(|m| !m.eq_ignore_ascii_case("ANY"))
+                            .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok()),
                     }
                 }));
             }

@@ -424,10 +424,8 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        if let Some(method) = &integration.http_method
-            && let Ok(method) = http::Method::from_bytes(method.as_bytes())
-        {
-            parts.method = method;
+        if let Some(method) = &integration.http_method {
+            parts.method = method.clone();
         }
         let timeout = Duration::from_millis(u64::from(integration.timeout_ms.max(1)));
         let upstream = self.client.request(Request::from_parts(parts, body));

@@ -243,15 +243,7 @@ impl QuotaCounter {
             });
     }
 
-    /// UpdateUsage: makes `remaining` requests left in the current period. Returns the new
-    /// allowance (`used + remaining`, saturating at `u32::MAX`).
-    pub fn set_remaining(&self, start_day: u32, remaining: u64) -> u64 {
-        let allowance = self.allowance_for(start_day, remaining);
-        self.set_allowance(start_day, allowance);
-        allowance
-    }
-
-    /// The allowance that leaves `remaining` requests in the period starting on `start_day`
+    /// UpdateUsage, step one: the allowance that leaves `remaining` requests in the period starting on `start_day`
     /// (`used + remaining`, saturating at `u32::MAX`), without setting it.
     pub fn allowance_for(&self, start_day: u32, remaining: u64) -> u64 {
         let (ut, uv) = unpack(self.used.load(Ordering::Acquire));
@@ -263,7 +255,8 @@ impl QuotaCounter {
         used.saturating_add(remaining).min(u64::from(u32::MAX))
     }
 
-    /// Sets the period's allowance (the limit UpdateUsage put in force for it).
+    /// UpdateUsage, step two (once the store has it): sets the period's allowance, the limit
+    /// UpdateUsage put in force for it.
     pub fn set_allowance(&self, start_day: u32, allowance: u64) {
         let allowance = allowance.min(u64::from(u32::MAX)) as u32;
         self.allowance
@@ -374,7 +367,9 @@ mod tests {
         assert!(q.try_acquire(10, 2).is_ok());
         assert_eq!(q.try_acquire(10, 2).map(|s| s.remaining), Ok(0));
         assert!(q.try_acquire(10, 2).is_err());
-        assert_eq!(q.set_remaining(10, 3), 5);
+        let allowance = q.allowance_for(10, 3);
+        q.set_allowance(10, allowance);
+        assert_eq!(allowance, 5);
         assert_eq!(q.state(10, 2).remaining, 3);
         for _ in 0..3 {
             assert!(q.try_acquire(10, 2).is_ok());

@@ -287,12 +287,20 @@ impl StateDb {
         current.clone().ok_or(redb::Error::PreviousIo)
     }
 
+    /// A read transaction on the current database (see [`StateDb::database`]).
+    fn begin_read(&self) -> Result<ReadTransaction, redb::Error> {
+        Ok(self.database()?.begin_read()?)
+    }
+
+    /// A write transaction on the current database (see [`StateDb::database`]).
+    fn begin_write(&self) -> Result<WriteTransaction, redb::Error> {
+        Ok(self.database()?.begin_write()?)
+    }
+
     /// The stored configuration, or None when nothing was ever saved (fresh state dir).
     /// Collections come back in the order they had in the saved model.
     pub fn load_model(&self) -> Result<Option<Model>, StateError> {
         let txn = self
-            .database()
-            .map_err(self.db_err("open"))?
             .begin_read()
             .map_err(self.db_err("begin read transaction"))?;
         let meta = txn
@@ -323,8 +331,6 @@ impl StateDb {
 
     fn save(&self, old: Option<&Model>, new: &Model) -> Result<SaveStats, StateError> {
         let mut txn = self
-            .database()
-            .map_err(self.db_err("open"))?
             .begin_write()
             .map_err(self.db_err("begin write transaction"))?;
         txn.set_durability(Durability::Immediate)
@@ -388,8 +394,6 @@ impl StateDb {
     /// existing one.
     fn init(&self) -> Result<(), StateError> {
         let txn = self
-            .database()
-            .map_err(self.db_err("open"))?
             .begin_write()
             .map_err(self.db_err("begin write transaction"))?;
         {
@@ -550,11 +554,7 @@ impl StateDb {
     }
 
     fn begin_usage_write(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self
-            .database()
-            .map_err(|e| self.store_err(e))?
-            .begin_write()
-            .map_err(|e| self.store_err(e))?;
+        let mut txn = self.begin_write().map_err(|e| self.store_err(e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.store_err(e))?;
         Ok(txn)
@@ -641,11 +641,7 @@ impl UsageStore for StateDb {
     }
 
     fn load_periods(&self) -> Result<Vec<PeriodCounter>, StoreError> {
-        let txn = self
-            .database()
-            .map_err(|e| self.store_err(e))?
-            .begin_read()
-            .map_err(|e| self.store_err(e))?;
+        let txn = self.begin_read().map_err(|e| self.store_err(e))?;
         let periods = txn.open_table(PERIODS).map_err(|e| self.store_err(e))?;
         let mut out = Vec::new();
         for entry in periods.iter().map_err(|e| self.store_err(e))? {
@@ -674,11 +670,7 @@ impl UsageStore for StateDb {
         if first_day > last_day {
             return Ok(out);
         }
-        let txn = self
-            .database()
-            .map_err(|e| self.store_err(e))?
-            .begin_read()
-            .map_err(|e| self.store_err(e))?;
+        let txn = self.begin_read().map_err(|e| self.store_err(e))?;
         let days = txn.open_table(DAYS).map_err(|e| self.store_err(e))?;
         let key_days = |key: &str, out: &mut Vec<DayRecord>| -> Result<(), StoreError> {
             let range = days
