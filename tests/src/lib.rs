@@ -180,9 +180,7 @@ impl Gateway {
 
     /// Sends SIGTERM and waits (at most `timeout`) for a clean exit.
     pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid fits pid_t")?;
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        signal_child(&self.child, libc::SIGTERM)?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -741,11 +739,23 @@ pub fn run_bounded(
 impl Gateway {
     /// Sends SIGKILL (no shutdown, no final flush) and reaps the process.
     pub fn kill(&mut self) -> Result<std::process::ExitStatus> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid fits pid_t")?;
-        // SAFETY: signalling our own, not yet reaped, child by its pid.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        signal_child(&self.child, libc::SIGKILL)?;
         Ok(self.child.wait()?)
     }
+
+    /// Sends `signal` to the gateway (SIGSTOP freezes it, as a stalled or partitioned node;
+    /// SIGCONT resumes it).
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        signal_child(&self.child, signal)
+    }
+}
+
+/// Sends `signal` to `child`, a process this test started and has not reaped yet.
+fn signal_child(child: &Child, signal: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).context("pid fits pid_t")?;
+    // SAFETY: signalling our own, not yet reaped, child by its pid.
+    unsafe { libc::kill(pid, signal) };
+    Ok(())
 }
 
 /// Calls the admin API at `addr` with curl: `method path` (path and query), with `body` as
@@ -971,11 +981,10 @@ impl RedisServer {
 
     /// Sends `signal` to the server (SIGSTOP makes it hang, SIGCONT resumes it).
     pub fn signal(&self, signal: libc::c_int) -> Result<()> {
-        let child = self.child.as_ref().context("redis-server is not running")?;
-        let pid = libc::pid_t::try_from(child.id()).context("pid fits pid_t")?;
-        // SAFETY: signalling our own, not yet reaped, child by its pid.
-        unsafe { libc::kill(pid, signal) };
-        Ok(())
+        signal_child(
+            self.child.as_ref().context("redis-server is not running")?,
+            signal,
+        )
     }
 
     /// Kills the server (SIGKILL) and reaps it.
@@ -1245,16 +1254,5 @@ impl Drop for RedisCluster {
             let _ = child.wait();
         }
         // `dir` is removed after this, once no server writes to it.
-    }
-}
-
-impl Gateway {
-    /// Sends `signal` to the gateway (SIGSTOP freezes it, as a stalled or partitioned node;
-    /// SIGCONT resumes it).
-    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid fits pid_t")?;
-        // SAFETY: signalling our own, not yet reaped, child by its pid.
-        unsafe { libc::kill(pid, signal) };
-        Ok(())
     }
 }
